@@ -1,0 +1,191 @@
+"""The ``hartkit`` command line. Heavy libraries are imported inside each command, so ``--help`` is fast.
+
+Exit codes: 0 success, 1 internal error (a bug: traceback shown), 2 a user error (bad input, missing
+file or library: one line, no traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from hartkit import __version__
+from hartkit.errors import HartkitError, UsageError
+
+DEFAULT_PROMPT = "a red circle above a blue square on a yellow background"
+DEFAULT_DEMO_DIR = Path("hartkit-demo")
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed must be an integer, got {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"seed must be in [0, 2**64), got {value}")
+    return value
+
+
+def _cfg(text: str) -> float:
+    from hartkit.model.sampler import MAX_CFG
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cfg must be a number, got {text!r}") from None
+    if not 0.0 <= value <= MAX_CFG:
+        raise argparse.ArgumentTypeError(f"cfg must be in [0, {MAX_CFG}], got {value}")
+    return value
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_init_checkpoint(args: argparse.Namespace) -> int:
+    from hartkit.model.presets import init_checkpoint
+
+    out = init_checkpoint(args.preset, args.out, seed=args.seed, overwrite=args.force,
+                          with_text_model=not args.no_text_model)
+    print(f"wrote a random-weight '{args.preset}' checkpoint to {out} (llm/, tokenizer/, text_model/)")
+    return 0
+
+
+def _text_model_dir(checkpoint: Path, text_model: str | None) -> Path:
+    if text_model:
+        return Path(text_model)
+    default = checkpoint / "text_model"
+    if default.is_dir():
+        return default
+    raise UsageError(f"{checkpoint}: no text_model/ folder inside; pass --text-model DIR (a Qwen2 model folder)")
+
+
+def _generate_images(checkpoint: Path, text_model: Path, prompts: list[str], seed: int, cfg: float,
+                     more_smooth: bool, top_p: float):
+    from tqdm import tqdm
+
+    from hartkit.model.checkpoint import load_hart
+    from hartkit.model.sampler import SamplerOptions, generate_from_prompts
+    from hartkit.model.text_encoder import TextEncoder
+
+    model = load_hart(checkpoint)
+    encoder = TextEncoder.from_pretrained(text_model)
+    bar = tqdm(total=model.cfg.num_stages, desc="generating", unit="stage", file=sys.stderr)
+    try:
+        images, _ = generate_from_prompts(
+            model, encoder, prompts, seed=seed,
+            options=SamplerOptions(cfg=cfg, more_smooth=more_smooth, top_p=top_p),
+            progress=lambda _msg: bar.update(1),
+        )
+    finally:
+        bar.close()
+    return images
+
+
+def _save_images(images, out: Path) -> list[Path]:
+    from hartkit.runtime.images import save_png
+
+    if len(images) == 1:
+        paths = [out]
+    else:
+        paths = [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(len(images))]
+    for image, path in zip(images, paths):
+        save_png(image, path)
+    return paths
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    checkpoint = Path(args.checkpoint)
+    text_model = _text_model_dir(checkpoint, args.text_model)
+    prompts = args.prompt
+    images = _generate_images(checkpoint, text_model, prompts, args.seed, args.cfg,
+                              not args.no_smooth, args.top_p)
+    for path in _save_images(images, Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hartkit.model.presets import init_checkpoint
+
+    out_dir = Path(args.out)
+    checkpoint = out_dir / "checkpoint-tiny"
+    if not (checkpoint / "llm" / "config.json").is_file():
+        print(f"creating a random-weight 'tiny' checkpoint in {checkpoint} ...", file=sys.stderr)
+        init_checkpoint("tiny", checkpoint, seed=0, overwrite=True)
+    images = _generate_images(checkpoint, checkpoint / "text_model", [args.prompt], args.seed, args.cfg, True, 0.0)
+    paths = _save_images(images, out_dir / "demo.png")
+    print(f"prompt: {args.prompt!r}  seed: {args.seed}")
+    print(f"wrote {paths[0]} from checkpoint {checkpoint}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hartkit",
+        description="Run, quantize and export HART (hybrid autoregressive text-to-image) for phones and laptops.",
+    )
+    parser.add_argument("--version", action="version", version=f"hartkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="generate an image from the built-in default model (no arguments needed)",
+                       description="Generate one image with the built-in default model and print where it went.")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
+    p.add_argument("--cfg", type=_cfg, default=4.5, help="classifier-free guidance scale (default: 4.5)")
+    p.add_argument("--out", default=str(DEFAULT_DEMO_DIR), help=f"output folder (default: {DEFAULT_DEMO_DIR})")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "init-checkpoint", help="write a random-weight checkpoint of a preset in HART's official layout",
+        description="Write OUT/llm, OUT/tokenizer and OUT/text_model with random weights of a preset shape. "
+                    "Useful to test the toolkit end to end without the real weights.")
+    p.add_argument("out", help="output folder (must not exist or be empty, unless --force)")
+    p.add_argument("--preset", default="tiny", help="model shape: tiny (default) or hart-0.7b-1024px")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the random weights (default: 0)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-text-model", action="store_true", help="skip writing OUT/text_model")
+    p.set_defaults(func=cmd_init_checkpoint)
+
+    p = sub.add_parser(
+        "generate", help="generate images from a checkpoint folder",
+        description="Generate an image with the PyTorch reference sampler from a checkpoint in HART's "
+                    "official layout (DIR/llm, DIR/tokenizer). The same seed gives the same image.")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="folder with llm/ and tokenizer/")
+    p.add_argument("--text-model", metavar="DIR", help="Qwen2 text model folder (default: DIR/text_model)")
+    p.add_argument("--prompt", required=True, action="append",
+                   help="text prompt; repeat for a batch (images are numbered)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
+    p.add_argument("--cfg", type=_cfg, default=4.5, help="classifier-free guidance scale (default: 4.5)")
+    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold, 0 = off (default, as upstream)")
+    p.add_argument("--no-smooth", action="store_true",
+                   help="hard codebook lookups instead of upstream's default Gumbel smoothing (more_smooth)")
+    p.add_argument("--out", default="hartkit.png", help="output PNG path (default: hartkit.png)")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.formatwarning = lambda message, category, *_a, **_k: f"hartkit: warning: {message}\n"
+    try:
+        return int(args.func(args) or 0)
+    except HartkitError as exc:
+        print(f"hartkit {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

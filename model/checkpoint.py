@@ -1,0 +1,293 @@
+"""Reading and writing HART checkpoints in the official folder layout.
+
+::
+
+    <root>/llm/config.json         HARTForT2IConfig (model_type hart_transformer_t2i)
+    <root>/llm/ema_model.bin       EMA weights, a plain pickled state_dict (preferred, as upstream)
+    <root>/llm/model.safetensors   or pytorch_model.bin / sharded *.index.json
+    <root>/tokenizer/config.json   HARTAutoEncoderWithDiscConfig; weights with the "vae." prefix
+    <text model folder>            Qwen2 (config.json, weights, tokenizer files); ours: <root>/text_model
+
+Loading is strict: every missing, unexpected or mis-shaped key is listed in one error. Keys that
+upstream persists but inference never reads (``attn_bias_for_masking``, the discriminator ``disc.*``)
+are dropped. Pickled weights are only ever read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from hartkit.errors import CheckpointError
+from hartkit.model.config import HARTConfig, VAEConfig
+
+LLM_WEIGHT_NAMES = ("ema_model.bin", "model.safetensors", "pytorch_model.bin")
+VAE_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# Persisted upstream, never read at inference. attn_bias_for_masking is 380 MB at 1024 px.
+DROPPED_LLM_KEYS = ("attn_bias_for_masking",)
+DROPPED_VAE_PREFIXES = ("disc.",)
+
+
+# ----------------------------------------------------------------------------- weight files
+
+def read_weight_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """One safetensors or pickle weight file as a state dict, with clear errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weight file not found")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from exc
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused to load: the pickle holds objects other than tensors (it could run code); "
+            f"convert it to safetensors with a trusted tool ({_first_line(exc)})"
+        ) from exc
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch weight file (truncated or corrupt?): {_first_line(exc)}") from exc
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
+    return dict(state)
+
+
+def _is_zip(path: Path) -> bool:
+    return zipfile.is_zipfile(path)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def find_weights(folder: Path, names: tuple[str, ...]) -> list[Path]:
+    """The weight file(s) of a model folder, in upstream's order of preference."""
+    for name in names:
+        if (folder / name).is_file():
+            return [folder / name]
+    for index_name in INDEX_NAMES:
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index}: not a valid shard index ({exc})") from exc
+            return [folder / shard for shard in sorted(set(weight_map.values()))]
+    raise CheckpointError(f"{folder}: no weights found (looked for {', '.join(names + INDEX_NAMES)})")
+
+
+def read_weights(folder: Path, names: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], str]:
+    files = find_weights(folder, names)
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(read_weight_file(f))
+    return state, ", ".join(str(f) for f in files)
+
+
+# ----------------------------------------------------------------------------- strict loading
+
+def strict_load(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, *, assign: bool = False) -> None:
+    """``load_state_dict(strict=True)`` with one error that lists every problem by key and shape."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(state[k].shape)}"
+        for k in sorted(set(expected) & set(state))
+        if tuple(expected[k].shape) != tuple(state[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_clip(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_clip(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches ({len(mismatched)}): {_clip(mismatched)}")
+        raise CheckpointError(f"{source}: weights do not match the config: " + "; ".join(parts))
+    # Cast to each parameter's dtype (released weights may be fp16/bf16).
+    cast = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
+    module.load_state_dict(cast, strict=True, assign=assign)
+
+
+def _clip(items: list[str], limit: int = 12) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+# ----------------------------------------------------------------------------- the HART model
+
+
+@dataclass
+class HART:
+    """The generation-side HART model: AR transformer (+ diffusion head) and the VAE parts.
+
+    The text encoder lives in its own folder and is loaded separately (``TextEncoder``).
+    """
+
+    cfg: HARTConfig
+    vae_cfg: VAEConfig
+    transformer: "nn.Module"
+    vae: "nn.Module"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vae_cfg.vocab_size
+
+    @property
+    def latent_dim(self) -> int:
+        return self.vae_cfg.z_channels
+
+    def eval(self) -> "HART":
+        self.transformer.eval()
+        self.vae.eval()
+        return self
+
+    def to(self, dtype: torch.dtype) -> "HART":
+        self.transformer.to(dtype)
+        self.vae.to(dtype)
+        return self
+
+
+def build_hart(cfg: HARTConfig, vae_cfg: VAEConfig, *, device: str | torch.device = "cpu") -> HART:
+    """Construct the modules of a config (random init, or empty on ``device="meta"``)."""
+    from hartkit.model.transformer import HARTTransformer
+    from hartkit.model.vae import HARTVAE
+
+    with torch.device(device):
+        transformer = HARTTransformer(cfg, vocab_size=vae_cfg.vocab_size, latent_dim=vae_cfg.z_channels)
+        vae = HARTVAE(vae_cfg)
+    return HART(cfg, vae_cfg, transformer, vae).eval()
+
+
+def _check_dir(path: Path, what: str) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path}: {what} folder not found")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: expected a {what} folder, found a file")
+
+
+def resolve_vae_dir(root_llm: Path, cfg: HARTConfig) -> Path:
+    """Upstream: ``config.vae_path`` if set, else ``dirname(llm)/tokenizer``."""
+    if cfg.vae_path and Path(cfg.vae_path).is_dir():
+        return Path(cfg.vae_path)
+    return root_llm.parent / "tokenizer"
+
+
+def load_hart(root: str | os.PathLike, *, prefer_ema: bool = True, dtype: torch.dtype = torch.float32) -> HART:
+    """Load ``<root>/llm`` and ``<root>/tokenizer`` (the official layout) on the CPU."""
+    root = Path(root)
+    _check_dir(root, "checkpoint")
+    llm_dir = root / "llm"
+    _check_dir(llm_dir, "llm")
+    cfg = HARTConfig.from_json_file(llm_dir / "config.json")
+    vae_dir = resolve_vae_dir(llm_dir, cfg)
+    _check_dir(vae_dir, "tokenizer (VAE)")
+    vae_cfg = VAEConfig.from_json_file(vae_dir / "config.json")
+
+    names = LLM_WEIGHT_NAMES if prefer_ema else LLM_WEIGHT_NAMES[1:] + LLM_WEIGHT_NAMES[:1]
+    llm_state, llm_src = read_weights(llm_dir, names)
+    for key in DROPPED_LLM_KEYS:
+        llm_state.pop(key, None)
+    vae_state, vae_src = read_weights(vae_dir, VAE_WEIGHT_NAMES)
+    vae_state = _strip_vae_prefix(vae_state, vae_src)
+
+    # Build on the meta device and assign the loaded tensors: no second copy of the weights.
+    model = build_hart(cfg, vae_cfg, device="meta")
+    strict_load(model.transformer, llm_state, llm_src, assign=True)
+    strict_load(model.vae, vae_state, vae_src, assign=True)
+    _materialize_buffers(model)
+    if dtype != torch.float32:
+        model.to(dtype)
+    return model.eval()
+
+
+def _strip_vae_prefix(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        if key.startswith(DROPPED_VAE_PREFIXES):
+            continue
+        if not key.startswith("vae."):
+            raise CheckpointError(
+                f"{source}: key {key!r} lacks the 'vae.' prefix of the official tokenizer layout"
+            )
+        out[key[len("vae."):]] = value
+    return out
+
+
+def _materialize_buffers(model: HART) -> None:
+    """Non-persistent buffers (none hold data we load) must not stay on the meta device."""
+    for module in (model.transformer, model.vae):
+        for name, buf in list(module.named_buffers()):
+            if buf.is_meta:
+                raise CheckpointError(f"internal: buffer {name} was not loaded")  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside ``out``; rename it to ``out`` only if the block succeeds."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CheckpointError(f"{out}: already exists and is not empty (choose another path or remove it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like any new folder
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def save_hart(model: HART, root: Path) -> None:
+    """Write ``root/llm`` and ``root/tokenizer`` in the official layout (safetensors)."""
+    llm_dir, vae_dir = root / "llm", root / "tokenizer"
+    llm_dir.mkdir(parents=True, exist_ok=True)
+    vae_dir.mkdir(parents=True, exist_ok=True)
+    write_json(llm_dir / "config.json", {**model.cfg.to_dict(), "architectures": ["HARTForT2I"]})
+    save_state_dict(model.transformer.state_dict(), llm_dir / "model.safetensors")
+    write_json(vae_dir / "config.json", {**model.vae_cfg.to_dict(), "architectures": ["HARTAutoEncoderWithDisc"]})
+    save_state_dict({f"vae.{k}": v for k, v in model.vae.state_dict().items()}, vae_dir / "model.safetensors")

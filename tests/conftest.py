@@ -1,0 +1,34 @@
+"""Shared fixtures: every test that needs a model starts from files on disk, as a user's would."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A random-weight `tiny` checkpoint written by the same code as `hartkit init-checkpoint`."""
+    from hartkit.model.presets import init_checkpoint
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        init_checkpoint("tiny", out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    from hartkit.model.checkpoint import load_hart
+
+    return load_hart(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_encoder(tiny_checkpoint):
+    from hartkit.model.text_encoder import TextEncoder
+
+    return TextEncoder.from_pretrained(tiny_checkpoint / "text_model")
