@@ -1,0 +1,210 @@
+"""``hartkit export``: checkpoint -> graphs -> ONNX / ExecuTorch / Core ML files, checked for parity.
+
+The export folder is written in a temp folder beside the target and renamed only when every format
+exported and passed its parity check, so a failed or interrupted export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from hartkit.errors import HartkitError, MissingDependencyError, UsageError
+from hartkit.export.graphs import GraphSpec, hart_graph_specs
+from hartkit.export.info import build_export_info
+from hartkit.export.parity import GraphParity, ParityError, check_backend, format_table
+
+FORMATS = ("onnx", "executorch", "coreml")
+FORMAT_LIBRARIES = {
+    "onnx": (("onnx", "onnxscript", "onnxruntime"), "pip install 'hartkit[onnx]'"),
+    "executorch": (("executorch",), "pip install 'hartkit[executorch]'"),
+    "coreml": (("coremltools",), "pip install 'hartkit[coreml]'"),
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+RECORD_PROMPT = "a red circle above a blue square on a yellow background"
+MAX_CALLS_PER_GRAPH = 3
+
+
+def parse_formats(text: str | Sequence[str]) -> list[str]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    formats = [f.strip().lower() for f in items if f.strip()]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise UsageError(f"unknown export format(s) {bad or formats}; choose from {', '.join(FORMATS)}")
+    return list(dict.fromkeys(formats))
+
+
+def require_format_libraries(formats: Sequence[str]) -> None:
+    import importlib.util
+
+    for fmt in formats:
+        mods, hint = FORMAT_LIBRARIES[fmt]
+        missing = [m for m in mods if importlib.util.find_spec(m) is None]
+        if missing:
+            raise MissingDependencyError(f"format '{fmt}' needs {', '.join(missing)} (not installed): {hint}")
+
+
+class RecordingBackend:
+    """Wraps a backend and keeps the inputs/outputs of the first calls of every graph."""
+
+    def __init__(self, inner, max_calls: int = MAX_CALLS_PER_GRAPH, always: Sequence[str] = ("ar_stage",)) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.max_calls = max_calls
+        self.always = set(always)
+        self.calls: dict[str, list[tuple[dict, list[np.ndarray]]]] = {}
+
+    def run(self, graph, feeds):
+        out = self.inner.run(graph, feeds)
+        seen = self.calls.setdefault(graph, [])
+        if graph in self.always or len(seen) < self.max_calls:
+            seen.append(({k: np.array(v, copy=True) for k, v in feeds.items()}, [np.array(o, copy=True) for o in out]))
+        return out
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    formats: list[str]
+    parity: list[GraphParity] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def check_target(out: Path, overwrite: bool) -> None:
+    """Refuse to clobber: another model's export, or a folder that is not an export at all."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a folder")
+    if not any(out.iterdir()):
+        return
+    if overwrite:
+        return
+    if (out / "export.json").is_file():
+        raise UsageError(f"{out}: already holds an export (of another model or an older run); "
+                         "choose another folder or pass --force to replace it")
+    raise UsageError(f"{out}: exists and is not empty; choose another folder")
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    formats: Sequence[str] = FORMATS,
+    *,
+    text_model: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+    record_prompt: str = RECORD_PROMPT,
+    seed: int = 0,
+) -> ExportResult:
+    from hartkit.model.checkpoint import atomic_dir, load_hart
+    from hartkit.model.text_encoder import TextEncoder
+    from hartkit.runtime.backends import TorchBackend, system_length_of
+    from hartkit.runtime.pipeline import Pipeline
+
+    formats = parse_formats(formats)
+    require_format_libraries(formats)
+    out = Path(out)
+    check_target(out, overwrite)
+    checkpoint = Path(checkpoint)
+    text_dir = Path(text_model) if text_model else checkpoint / "text_model"
+
+    say = progress or (lambda _m: None)
+    say("loading checkpoint")
+    model = load_hart(checkpoint)
+    encoder = TextEncoder.from_pretrained(text_dir)
+    system_length = system_length_of(encoder.tokenizer, model.cfg.context_token)
+    specs = hart_graph_specs(model, encoder, system_length)
+    torch_backend, _ = TorchBackend.from_model(model, encoder, system_length)
+    modules = torch_backend._modules
+
+    say("recording graph inputs from the reference loop")
+    recorder = RecordingBackend(torch_backend)
+    pipe = Pipeline(_loop_from(model, system_length), recorder, encoder.tokenizer,
+                    torch_backend.codebook)
+    pipe.generate(record_prompt, seed=seed)
+
+    result = ExportResult(out, formats)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        _copy_tokenizer(text_dir, tmp / "tokenizer")
+        np.savez(tmp / "constants.npz", codebook=torch_backend.codebook)
+        files: dict[str, dict[str, str]] = {}
+        for fmt in formats:
+            files[fmt] = _export_format(fmt, specs, modules, tmp, say)
+        info = build_export_info(model, system_length, specs, files)
+        _write_info(tmp, info)  # the backends below read it
+        output_names = {s.name: [o.name for o in s.outputs] for s in specs}
+        for fmt in formats:
+            say(f"parity: {fmt}")
+            results = _check_format(fmt, tmp, info, recorder.calls, output_names, result)
+            result.parity.extend(results)
+            failed = [r for r in results if not r.ok]
+            if failed:
+                raise ParityError(f"{fmt} export missed the parity bar; nothing was written to {out}:\n"
+                                  + format_table(failed))
+        info["parity"] = [r.to_json() for r in result.parity]
+        info["notes"] = result.notes
+        _write_info(tmp, info)
+    return result
+
+
+def _loop_from(model, system_length: int):
+    from hartkit.export.info import loop_info
+    from hartkit.runtime.pipeline import LoopInfo
+
+    return LoopInfo.from_dict(loop_info(model, system_length))
+
+
+def _copy_tokenizer(text_dir: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    found = False
+    for name in TOKENIZER_FILES:
+        if (text_dir / name).is_file():
+            shutil.copy2(text_dir / name, dst / name)
+            found = True
+    if not found:
+        raise HartkitError(f"{text_dir}: no tokenizer files found ({', '.join(TOKENIZER_FILES)})")
+
+
+def _write_info(folder: Path, info: dict) -> None:
+    from hartkit.model.checkpoint import write_json
+
+    write_json(folder / "export.json", info)
+
+
+def _export_format(fmt: str, specs: list[GraphSpec], modules, folder: Path, say) -> dict[str, str]:
+    if fmt == "onnx":
+        from hartkit.export.onnx_export import export_onnx
+
+        return export_onnx(specs, modules, folder, progress=say)
+    if fmt == "executorch":
+        from hartkit.export.executorch_export import export_executorch
+
+        return export_executorch(specs, modules, folder, progress=say)
+    if fmt == "coreml":
+        from hartkit.export.coreml_export import export_coreml
+
+        return export_coreml(specs, modules, folder, progress=say)
+    raise UsageError(f"unknown format {fmt}")  # pragma: no cover - parse_formats guards
+
+
+def _check_format(fmt: str, folder: Path, info: dict, recorded, output_names, result: ExportResult) -> list[GraphParity]:
+    if fmt == "onnx":
+        from hartkit.runtime.backends import OnnxRuntimeBackend
+
+        return check_backend(OnnxRuntimeBackend(folder, info), fmt, recorded, output_names)
+    if fmt == "executorch":
+        from hartkit.runtime.executorch_backend import ExecuTorchBackend
+
+        return check_backend(ExecuTorchBackend(folder, info), fmt, recorded, output_names)
+    if fmt == "coreml":
+        from hartkit.export.coreml_export import verify_coreml
+
+        results, notes = verify_coreml(folder, info, recorded, output_names)
+        result.notes.extend(notes)
+        return results
+    raise UsageError(f"unknown format {fmt}")  # pragma: no cover

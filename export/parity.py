@@ -1,0 +1,102 @@
+"""Parity of exported graphs against the torch modules, on real inputs recorded from the reference loop."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from hartkit.errors import HartkitError
+
+
+class ParityError(HartkitError):
+    """An exported graph missed its accuracy bar; the export is discarded."""
+
+
+# fp32 exports: |err| <= ATOL + RTOL * max|ref| and SNR >= MIN_SNR_DB, per output.
+ATOL, RTOL, MIN_SNR_DB = 1e-4, 1e-4, 60.0
+
+
+def snr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+    noise = float(np.sum((ref64 - got64) ** 2))
+    signal = float(np.sum(ref64**2))
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+@dataclass
+class OutputParity:
+    name: str
+    shape: list[int]
+    max_abs_err: float
+    max_abs_ref: float
+    snr_db: float
+    ok: bool
+
+
+@dataclass
+class GraphParity:
+    graph: str
+    fmt: str
+    calls: int = 0
+    outputs: list[OutputParity] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outputs)
+
+    def worst(self) -> OutputParity | None:
+        return max(self.outputs, key=lambda o: o.max_abs_err, default=None)
+
+    def to_json(self) -> dict:
+        worst = self.worst()
+        return {"graph": self.graph, "format": self.fmt, "calls": self.calls, "ok": self.ok,
+                "max_abs_err": worst.max_abs_err if worst else 0.0,
+                "min_snr_db": min((o.snr_db for o in self.outputs), default=math.inf),
+                "outputs": [asdict(o) for o in self.outputs]}
+
+
+def compare_outputs(names: list[str], ref: list[np.ndarray], got: list[np.ndarray],
+                    atol: float = ATOL, rtol: float = RTOL, min_snr_db: float = MIN_SNR_DB) -> list[OutputParity]:
+    if len(ref) != len(got):
+        raise ParityError(f"expected {len(ref)} outputs, got {len(got)}")
+    out = []
+    for name, r, g in zip(names, ref, got):
+        g = np.asarray(g)
+        if tuple(r.shape) != tuple(g.shape):
+            out.append(OutputParity(name, list(g.shape), math.inf, float(np.abs(r).max(initial=0)), -math.inf, False))
+            continue
+        err = float(np.abs(r.astype(np.float64) - g.astype(np.float64)).max(initial=0))
+        peak = float(np.abs(r).max(initial=0))
+        snr = snr_db(r, g)
+        out.append(OutputParity(name, list(r.shape), err, peak, snr, err <= atol + rtol * peak and snr >= min_snr_db))
+    return out
+
+
+def check_backend(backend, fmt: str, recorded: Mapping[str, list[tuple[dict, list[np.ndarray]]]],
+                  output_names: Mapping[str, list[str]], **bars: float) -> list[GraphParity]:
+    """Run every recorded call of every graph on ``backend`` and compare with the torch outputs."""
+    results = []
+    for graph, calls in recorded.items():
+        gp = GraphParity(graph, fmt)
+        for feeds, ref in calls:
+            got = backend.run(graph, feeds)
+            gp.outputs.extend(compare_outputs(output_names[graph], ref, got, **bars))
+            gp.calls += 1
+        results.append(gp)
+    return results
+
+
+def format_table(results: list[GraphParity]) -> str:
+    lines = [f"{'graph':24} {'format':11} {'calls':>5} {'max abs err':>12} {'min SNR dB':>10}  ok"]
+    for r in results:
+        j = r.to_json()
+        lines.append(f"{r.graph:24} {r.fmt:11} {r.calls:5d} {j['max_abs_err']:12.3e} {j['min_snr_db']:10.1f}  "
+                     f"{'yes' if r.ok else 'NO'}")
+    return "\n".join(lines)

@@ -1,0 +1,249 @@
+"""The staged sampling loop in numpy over exported graphs: ``Pipeline(prompt, seed=0) -> PIL.Image``.
+
+It mirrors :func:`hartkit.model.sampler.generate` step for step (same plan, same RNG draws in the
+same order, same sampling math in :mod:`hartkit.runtime.sampling`), but every network call goes
+through a :class:`~hartkit.runtime.backends.Backend` by graph name, so any graph can run on
+onnxruntime, ExecuTorch, Core ML or eager torch. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from hartkit.errors import HartkitError, UsageError
+from hartkit.loop.plan import stage_plan
+from hartkit.loop.prompt import PromptTokenizer
+from hartkit.loop.rng import PortableRNG, draw_plan, iter_draws
+from hartkit.loop.rope import context_positions, rope_cos_sin_1d, rope_cos_sin_2d, stage_positions
+from hartkit.loop.schedule import IDDPMSchedule
+from hartkit.runtime.sampling import cfg_mix, sample_stage
+
+EXPORT_INFO = "export.json"
+CONSTANTS = "constants.npz"
+TOKENIZER_DIR = "tokenizer"
+MAX_CFG = 50.0
+VAE_SCALE = 0.6  # upstream DiffLoss.sample multiplies the residual by vae_scale
+
+
+@dataclass(frozen=True)
+class LoopInfo:
+    """What the host loop needs to know about the model (written by the exporter, no torch)."""
+
+    patch_nums: tuple[int, ...]
+    context_token: int
+    vocab_size: int
+    latent_dim: int
+    head_dim: int
+    attn_type: str
+    num_phis: int
+    num_sampling_steps: str
+    system_length: int
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LoopInfo":
+        try:
+            return cls(
+                patch_nums=tuple(int(p) for p in data["patch_nums"]),
+                context_token=int(data["context_token"]),
+                vocab_size=int(data["vocab_size"]),
+                latent_dim=int(data["latent_dim"]),
+                head_dim=int(data["head_dim"]),
+                attn_type=str(data["attn_type"]),
+                num_phis=int(data["num_phis"]),
+                num_sampling_steps=str(data["num_sampling_steps"]),
+                system_length=int(data["system_length"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HartkitError(f"export info: the 'loop' section is incomplete or malformed ({exc!r})") from exc
+
+
+@dataclass
+class RuntimeTrace:
+    tokens: list[np.ndarray] = field(default_factory=list)
+    stage_logits: list[np.ndarray] = field(default_factory=list)
+    f_hat: np.ndarray | None = None
+    residual: np.ndarray | None = None
+
+
+class Pipeline:
+    """Text-to-image generation on exported graphs.
+
+    >>> pipe = Pipeline.from_exported("out/", backend="onnxruntime")   # doctest: +SKIP
+    >>> image = pipe("a red circle above a blue square", seed=0)       # doctest: +SKIP
+    """
+
+    def __init__(self, loop: LoopInfo, backend, tokenizer: PromptTokenizer, codebook: np.ndarray) -> None:
+        self.loop = loop
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.codebook = np.ascontiguousarray(codebook, dtype=np.float32)
+        self.schedule = IDDPMSchedule.create(loop.num_sampling_steps)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_exported(cls, export_dir: str | Path, backend: str = "onnxruntime",
+                      graph_backends: Mapping[str, str] | None = None) -> "Pipeline":
+        """Load an export folder written by ``hartkit export``; ``graph_backends`` overrides per graph."""
+        from hartkit.runtime.backends import open_backend
+
+        export_dir = Path(export_dir)
+        info = read_export_info(export_dir)
+        loop = LoopInfo.from_dict(info["loop"])
+        runner = open_backend(export_dir, info, backend, graph_backends or {})
+        constants = _load_constants(export_dir / info.get("constants", CONSTANTS))
+        tokenizer = PromptTokenizer.from_dir(export_dir / info.get("tokenizer", TOKENIZER_DIR))
+        return cls(loop, runner, tokenizer, constants["codebook"])
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, text_model: str | Path | None = None) -> "Pipeline":
+        """The torch backend straight from a checkpoint folder (reference and debugging; needs torch)."""
+        from hartkit.runtime.backends import TorchBackend
+
+        backend, info = TorchBackend.from_checkpoint(checkpoint, text_model)
+        return cls(LoopInfo.from_dict(info["loop"]), backend, backend.tokenizer, backend.codebook)
+
+    # ------------------------------------------------------------------ generation
+    def __call__(self, prompt: str, seed: int = 0, cfg: float = 4.5, more_smooth: bool = True,
+                 top_p: float = 0.0, progress: Callable[[str], None] | None = None):
+        from PIL import Image
+
+        image, _ = self.generate(prompt, seed=seed, cfg=cfg, more_smooth=more_smooth, top_p=top_p, progress=progress)
+        return Image.fromarray(image)
+
+    def encode_prompt(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        """-> context ``[1,T,D]`` fp32 and context mask ``[1,T]`` bool (warns on truncation)."""
+        import warnings
+
+        loop = self.loop
+        batch = self.tokenizer.encode([prompt], loop.context_token)
+        if batch.system_length != loop.system_length:
+            raise HartkitError(
+                f"the tokenizer gives a {batch.system_length}-token system prompt, the exported text encoder "
+                f"expects {loop.system_length}: tokenizer files and graphs come from different models")
+        message = batch.truncation_message()
+        if message:
+            warnings.warn(message, UserWarning, stacklevel=3)
+        ids, mask = batch.text_model_inputs()
+        (context,) = self._run("text_encoder", {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)})
+        return context.astype(np.float32), batch.mask.astype(bool)
+
+    def generate(self, prompt: str, seed: int = 0, cfg: float = 4.5, more_smooth: bool = True, top_p: float = 0.0,
+                 progress: Callable[[str], None] | None = None, keep_logits: bool = False,
+                 context: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, RuntimeTrace]:
+        """One image: uint8 ``[H, W, 3]`` and the trace (tokens per stage, ...)."""
+        if not isinstance(prompt, str):
+            raise UsageError(f"prompt must be a string, got {type(prompt).__name__}")
+        if not (0.0 <= cfg <= MAX_CFG):
+            raise UsageError(f"cfg must be in [0, {MAX_CFG}], got {cfg}")
+        if not (0.0 <= top_p < 1.0):
+            raise UsageError(f"top_p must be in [0, 1), got {top_p}")
+        loop = self.loop
+        pns = loop.patch_nums
+        last, Cz = pns[-1], loop.latent_dim
+        plan = stage_plan(pns, loop.context_token, loop.vocab_size, cfg, loop.num_phis)
+        draws = iter_draws(PortableRNG(seed), draw_plan(1, pns, loop.vocab_size, Cz, self.schedule.num_steps,
+                                                          more_smooth=more_smooth))
+
+        def next_draw() -> np.ndarray:
+            return next(draws)[1]
+
+        ctx, mask = context if context is not None else self.encode_prompt(prompt)
+        positions = context_positions(mask)  # [2, T]
+        offsets = positions[:, -1]
+        mask_2b = np.concatenate([mask, np.zeros_like(mask)]).astype(np.float32)
+        mask_2b[1:, 0] = 1.0  # upstream: uncond rows count their first token
+        block_mods, head_mod, x = self._run("condition", {"context": ctx, "context_mask_2b": mask_2b})
+        use_rope = loop.attn_type == "llama"
+
+        trace = RuntimeTrace()
+        past_k = past_v = None
+        f_hat = np.zeros((1, Cz, last, last), np.float32)
+        for stage in plan:
+            if progress is not None:
+                progress(f"stage {stage.si + 1}/{len(plan)}")
+            feeds: dict[str, np.ndarray] = {"x": x, "block_mods": block_mods}
+            if use_rope:
+                if stage.si == 0:
+                    cos, sin = rope_cos_sin_1d(positions, loop.head_dim)
+                else:
+                    cos, sin = rope_cos_sin_2d(stage_positions(pns, stage.si, offsets), loop.head_dim)
+                feeds.update(cos=cos, sin=sin)
+            if stage.si == 0:
+                h, k, v = self._run("ar_context", feeds)
+            else:
+                h, k, v = self._run("ar_stage", {**feeds, "past_k": past_k, "past_v": past_v})
+            if not stage.is_final:
+                # Host-side append (see export/graphs.py for why the graphs return only new keys).
+                past_k = k if past_k is None else np.concatenate([past_k, k], axis=3)
+                past_v = v if past_v is None else np.concatenate([past_v, v], axis=3)
+            h_sampled = h[:, -1:] if stage.si == 0 else h
+            (logits,) = self._run("ar_head", {"h": np.ascontiguousarray(h_sampled), "head_mod": head_mod})
+            t = stage.cfg_scale
+            mixed = cfg_mix(logits, t)
+            if keep_logits:
+                trace.stage_logits.append(mixed)
+            exp_sample = next_draw()
+            exp_gumbel = next_draw() if more_smooth else None
+            idx, latents = sample_stage(mixed, stage, self.codebook, exp_sample, exp_gumbel, top_p)
+            trace.tokens.append(idx)
+            if not stage.is_final:
+                f_hat, x = self._run(f"residual_{stage.si}", {"f_hat": f_hat, "latents": latents})
+                continue
+            (z,) = self._run("diffusion_condition", {"h": h, "latents": self.codebook[idx]})
+            residual = self._diffusion(z.reshape(-1, z.shape[-1]), t, next_draw, last * last)
+            trace.residual = residual[None]
+            f_hat = f_hat + (latents + residual[None]).transpose(0, 2, 1).reshape(1, Cz, last, last)
+        trace.f_hat = f_hat
+        (image,) = self._run("vae_decode", {"f_hat": f_hat.astype(np.float32)})
+        # The graph returns (clamp(decoder) + 1) / 2; upstream saves uint8(img * 255) by truncation.
+        pixels = (np.transpose(image[0], (1, 2, 0)) * 255).astype(np.uint8)
+        return pixels, trace
+
+    def _diffusion(self, z: np.ndarray, t: float, next_draw: Callable[[], np.ndarray], n: int) -> np.ndarray:
+        """The residual head's IDDPM loop (numpy scheduler, graph denoiser); mirrors DiffLoss.sample."""
+        sched = self.schedule
+        Cz = self.loop.latent_dim
+        guided = not t == 1.0  # upstream's exact test: cfg == 1.0 skips guidance altogether
+        cond_rows = z if guided else z[:n]
+        (cond_emb,) = self._run("diffusion_cond_embed", {"z": np.ascontiguousarray(cond_rows)})
+        x = next_draw().reshape(n, Cz)
+        steps = [next_draw().reshape(n, Cz) for _ in range(sched.num_steps)]
+        for i, j in enumerate(reversed(range(sched.num_steps))):
+            x_in = np.concatenate([x, x]) if guided else x
+            tt = np.array([float(sched.timesteps[j])], np.float32)
+            (out,) = self._run("denoise", {"x": x_in.astype(np.float32), "t": tt, "cond_embedding": cond_emb})
+            eps, v = out[:n, :Cz], out[:n, Cz:]
+            if guided:
+                eps = eps * np.float32(1 + t) - np.float32(t) * out[n:, :Cz]
+            x = sched.step(j, x, eps, v, steps[i])
+        return (x * np.float32(VAE_SCALE)).astype(np.float32)
+
+    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.backend.run(graph, feeds)
+
+
+def read_export_info(export_dir: Path) -> dict:
+    path = export_dir / EXPORT_INFO
+    if not export_dir.is_dir():
+        raise HartkitError(f"{export_dir}: export folder not found")
+    if not path.is_file():
+        raise HartkitError(f"{export_dir}: not a hartkit export (no {EXPORT_INFO})")
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise HartkitError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(info, dict) or "loop" not in info or "graphs" not in info:
+        raise HartkitError(f"{path}: missing the 'loop' or 'graphs' section")
+    return info
+
+
+def _load_constants(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise HartkitError(f"{path}: constants file not found")
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
