@@ -96,13 +96,72 @@ def _save_images(images, out: Path) -> list[Path]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    checkpoint = Path(args.checkpoint)
-    text_model = _text_model_dir(checkpoint, args.text_model)
-    prompts = args.prompt
-    images = _generate_images(checkpoint, text_model, prompts, args.seed, args.cfg,
-                              not args.no_smooth, args.top_p)
+    if bool(args.checkpoint) == bool(args.exported):
+        raise UsageError("give exactly one of --checkpoint DIR (PyTorch reference) or --exported DIR (runtime)")
+    if args.exported:
+        images = _generate_exported(Path(args.exported), args.backend, _graph_backends(args.graph_backend),
+                                    args.prompt, args.seed, args.cfg, not args.no_smooth, args.top_p)
+    else:
+        checkpoint = Path(args.checkpoint)
+        text_model = _text_model_dir(checkpoint, args.text_model)
+        images = _generate_images(checkpoint, text_model, args.prompt, args.seed, args.cfg,
+                                  not args.no_smooth, args.top_p)
     for path in _save_images(images, Path(args.out)):
         print(f"wrote {path}")
+    return 0
+
+
+def _graph_backends(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        graph, sep, backend = item.partition("=")
+        if not sep or not graph or not backend:
+            raise UsageError(f"--graph-backend takes GRAPH=BACKEND (e.g. vae_decode=onnxruntime), got {item!r}")
+        out[graph] = backend
+    return out
+
+
+def _generate_exported(export_dir: Path, backend: str, graph_backends: dict[str, str], prompts: list[str],
+                       seed: int, cfg: float, more_smooth: bool, top_p: float):
+    import numpy as np
+    from tqdm import tqdm
+
+    from hartkit.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_exported(export_dir, backend=backend, graph_backends=graph_backends)
+    images = []
+    for prompt in prompts:
+        bar = tqdm(total=len(pipe.loop.patch_nums), desc=f"generating ({backend})", unit="stage", file=sys.stderr)
+        try:
+            image, _ = pipe.generate(prompt, seed=seed, cfg=cfg, more_smooth=more_smooth, top_p=top_p,
+                                     progress=lambda _m: bar.update(1))
+        finally:
+            bar.close()
+        images.append(image)
+    return np.stack(images)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from hartkit.export.exporter import export_checkpoint, parse_formats
+    from hartkit.export.parity import format_table
+
+    formats = parse_formats(args.format)
+    bar = tqdm(desc="exporting", unit="step", file=sys.stderr, bar_format="{desc}: {n_fmt} steps [{elapsed}] {postfix}")
+    try:
+        def step(message: str) -> None:
+            bar.set_postfix_str(message)
+            bar.update(1)
+
+        result = export_checkpoint(args.checkpoint, args.out, formats, text_model=args.text_model,
+                                   overwrite=args.force, progress=step)
+    finally:
+        bar.close()
+    print(format_table(result.parity))
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"wrote {', '.join(result.formats)} export to {result.out}")
     return 0
 
 
@@ -155,8 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate images from a checkpoint folder",
         description="Generate an image with the PyTorch reference sampler from a checkpoint in HART's "
                     "official layout (DIR/llm, DIR/tokenizer). The same seed gives the same image.")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="folder with llm/ and tokenizer/")
+    p.add_argument("--checkpoint", metavar="DIR", help="folder with llm/ and tokenizer/ (PyTorch reference sampler)")
     p.add_argument("--text-model", metavar="DIR", help="Qwen2 text model folder (default: DIR/text_model)")
+    p.add_argument("--exported", metavar="DIR", help="an export folder from `hartkit export` (torch-free runtime)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "executorch", "coreml"],
+                   help="runtime backend with --exported (default: onnxruntime)")
+    p.add_argument("--graph-backend", action="append", metavar="GRAPH=BACKEND",
+                   help="run one graph on another backend, e.g. vae_decode=onnxruntime (repeatable)")
     p.add_argument("--prompt", required=True, action="append",
                    help="text prompt; repeat for a batch (images are numbered)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
@@ -166,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hard codebook lookups instead of upstream's default Gumbel smoothing (more_smooth)")
     p.add_argument("--out", default="hartkit.png", help="output PNG path (default: hartkit.png)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "export", help="export a checkpoint to ONNX, ExecuTorch and/or Core ML",
+        description="Cut HART into pure graphs (text encoder, condition, AR stages, head, residual update, "
+                    "diffusion denoiser, VAE decoder), export them, and check every graph against PyTorch on "
+                    "inputs recorded from the reference loop. The folder is written only if all checks pass.")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="folder with llm/ and tokenizer/")
+    p.add_argument("--text-model", metavar="DIR", help="Qwen2 text model folder (default: DIR/text_model)")
+    p.add_argument("--format", default="onnx", help="comma-separated: onnx,executorch,coreml (default: onnx)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing export in OUT")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

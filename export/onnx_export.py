@@ -12,6 +12,7 @@ import contextlib
 import io
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -51,7 +52,8 @@ def _quiet():
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
             yield
     finally:
         logger.setLevel(level)

@@ -14,6 +14,8 @@ from hartkit.errors import HartkitError
 class ParityError(HartkitError):
     """An exported graph missed its accuracy bar; the export is discarded."""
 
+    exit_code = 3
+
 
 # fp32 exports: |err| <= ATOL + RTOL * max|ref| and SNR >= MIN_SNR_DB, per output.
 ATOL, RTOL, MIN_SNR_DB = 1e-4, 1e-4, 60.0

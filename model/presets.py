@@ -45,6 +45,23 @@ def _tiny() -> Preset:
                   {"hidden_size": 32, "num_layers": 2, "vocab_size": 512})
 
 
+def _demo() -> Preset:
+    """The shipped demo model (assets/demo), trained on CPU by examples/train_tiny_hart.py on the
+    procedural scenes of hartkit.validate.scenes: 64x64 px, an 8x8 latent, ~3.6 M parameters."""
+    patch_nums = (1, 2, 3, 4, 6, 8)
+    hart = HARTConfig(
+        context_token=24, context_dim=64, depth=4, embed_dim=128, num_heads=4, mlp_ratio=4.0,
+        patch_nums=patch_nums, attn_type="llama", mlp_type="llama", sep_aln_pooling_mode="max",
+        diff_width=128, diff_depth=3, num_sampling_steps="8",
+    )
+    vae = VAEConfig(
+        vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 1, 2, 2), v_patch_nums=patch_nums,
+        quantizer_type="var_hybrid", share_quant_resi=4, quant_resi=0.5,
+    )
+    return Preset("demo", "the shipped demo shape: 4 blocks of width 128, 6 scales, 64x64 px", hart, vae,
+                  {"hidden_size": 64, "num_layers": 2, "vocab_size": 512})
+
+
 def _hart_07b() -> Preset:
     hart = HARTConfig(
         context_token=300, context_dim=1536, depth=16, embed_dim=1536, num_heads=24, mlp_ratio=4.0,
@@ -59,7 +76,7 @@ def _hart_07b() -> Preset:
                   hart, vae, {"full_size": True})
 
 
-PRESETS: dict[str, Callable[[], Preset]] = {"tiny": _tiny, "hart-0.7b-1024px": _hart_07b}
+PRESETS: dict[str, Callable[[], Preset]] = {"tiny": _tiny, "demo": _demo, "hart-0.7b-1024px": _hart_07b}
 
 
 def get_preset(name: str) -> Preset:

@@ -113,7 +113,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: Tensor, cos: Tensor | None, sin: Tensor | None,
-        past_k: Tensor | None, past_v: Tensor | None,
+        past_k: Tensor | None, past_v: Tensor | None, attn_bias: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         N, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
@@ -130,7 +130,7 @@ class Attention(nn.Module):
         if past_k is not None:
             k = torch.cat((past_k.to(k.dtype), k), dim=2)
             v = torch.cat((past_v.to(v.dtype), v), dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
         out = out.transpose(1, 2).reshape(N, L, C)
         return self.proj(out), new_k, new_v
 
@@ -179,10 +179,10 @@ class Block(nn.Module):
 
     def forward(
         self, x: Tensor, mods: Tensor, cos: Tensor | None, sin: Tensor | None,
-        past_k: Tensor | None, past_v: Tensor | None,
+        past_k: Tensor | None, past_v: Tensor | None, attn_bias: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mods.unsqueeze(1).unbind(2)  # [N,1,C]
-        a, k, v = self.attn(self.ln_wo_grad(x) * (scale1 + 1) + shift1, cos, sin, past_k, past_v)
+        a, k, v = self.attn(self.ln_wo_grad(x) * (scale1 + 1) + shift1, cos, sin, past_k, past_v, attn_bias)
         x = x + a * gamma1
         x = x + self.ffn(self.ln_wo_grad(x) * (scale2 + 1) + shift2) * gamma2
         return x, k, v
@@ -313,13 +313,17 @@ class HARTTransformer(nn.Module):
     # ---------------------------------------------------------------- stage level
     def blocks_forward(
         self, x: Tensor, block_mods: Tensor, cos: Tensor | None, sin: Tensor | None,
-        past_k: Tensor | None, past_v: Tensor | None,
+        past_k: Tensor | None, past_v: Tensor | None, attn_bias: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Run all blocks on one stage's inputs.
 
         ``x [2B,l,C]``; ``cos``/``sin [2B,l,head_dim]`` (llama only; None for gpt2);
         ``past_k``/``past_v [depth,2B,H,K,d]`` or None. Returns ``(h [2B,l,C], new_k, new_v)`` with
         ``new_k``/``new_v [depth,2B,H,l,d]``: only this stage's post-RoPE keys/values.
+
+        ``attn_bias`` (training only; inference never masks) is an additive mask broadcastable to
+        ``[N, H, l, K]`` (K = cached + new keys), e.g. upstream's block-causal
+        ``attn_bias_for_masking`` for a whole teacher-forced sequence. None: full attention.
         """
         N, L, C = x.shape
         self._check(C == self.C, f"x must have {self.C} channels, got {C}")
@@ -340,7 +344,7 @@ class HARTTransformer(nn.Module):
         for i, blk in enumerate(self.blocks):
             pk = None if past_k is None else past_k[i]
             pv = None if past_v is None else past_v[i]
-            x, k, v = blk(x, block_mods[i], cos, sin, pk, pv)
+            x, k, v = blk(x, block_mods[i], cos, sin, pk, pv, attn_bias)
             ks.append(k)
             vs.append(v)
         return x, torch.stack(ks), torch.stack(vs)

@@ -1,0 +1,577 @@
+"""Train a tiny HART end to end on CPU: the demo model shipped in ``assets/demo``.
+
+    python examples/train_tiny_hart.py --out assets/demo            # the shipped model (~30 min, 2 cores)
+    python examples/train_tiny_hart.py --out /tmp/smoke --smoke     # a few steps of a tiny config
+
+Data: the procedural scenes of :mod:`hartkit.validate.scenes` (train split only). Three phases,
+following the public HART/VAR code (``hart_transformer_t2i.py: forward``, ``hart_hybrid_quantize.py``,
+``diffusion/gaussian_diffusion.py: training_losses``); HART's own training scripts are not public,
+so loss weights and schedules are ours:
+
+1. **Hybrid tokenizer** (VAE encoder/decoder, multi-scale residual VQ with the phi convs): L1 + L2
+   reconstruction + VAR's VQ loss ``mean_s [beta * |sg(f_hat_s) - f|^2 + |f_hat_s - sg(f)|^2]``,
+   straight-through to the encoder. As HART's hybrid quantizer, the decoder sees the continuous
+   latent (discrete + residual = f) or the discrete-only f_hat, half of the time each (per sample
+   here, per batch upstream). No GAN, no perceptual loss.
+2. **Text features**: a tiny random Qwen2 (frozen, never trained) encodes every caption once, with
+   HART's system prompt, exactly as :class:`~hartkit.model.text_encoder.TextEncoder` does at
+   inference. Its tokenizer is a byte-level BPE trained on the captions (one token per word).
+3. **AR transformer + residual diffusion head**, jointly, with teacher forcing over all scales and
+   upstream's block-causal mask (a token sees every token of its own and earlier scales; the
+   context tokens are level 0). Cross-entropy on every scale's tokens (the last context position
+   predicts the 1x1 scale); the diffusion head's DiffLoss (epsilon MSE + the learned-variance VB
+   term, IDDPM cosine schedule, 1000 steps, ``diffusion_batch_mul`` copies per token) on the
+   continuous residual ``f_rest_last - codebook[idx]`` / 0.6, conditioned on
+   ``decoder_norm(h + word_embed(codebook[idx]))`` where idx is *sampled* from the model's own
+   last-scale logits (top-k 600, top-p 0.96), as upstream does. Conditioning dropout for CFG.
+
+Deviations from upstream, on purpose: the dropped-condition rows get inference's unconditional
+layout (zero context -> ``cond_BD = context_embed.bias``, RoPE positions 0) with probability
+``cond_drop`` (upstream tests ``randn < cond_drop_rate``, i.e. drops ~54 % of rows at 0.1);
+no MaskGIT-style token dropping at the last scale (upstream trains on a random subset of the last
+scale's tokens to save memory at 64x64 latents; ours has 8x8); the tokenizer's discrete path
+applies no phi at the last scale, like inference and ``f_to_idxBl_and_frest`` (upstream's training
+quantizer does apply it there); dead codebook entries are re-seeded from encoder outputs.
+
+Writes ``OUT/llm``, ``OUT/tokenizer`` (official layout, safetensors), ``OUT/text_model``,
+``OUT/training.json`` (settings, losses, timings) and ``OUT/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from hartkit.loop.prompt import HART_SYSTEM_PROMPT
+from hartkit.loop.rope import rope_cos_sin_1d, rope_cos_sin_2d, stage_positions
+from hartkit.loop.schedule import IDDPMSchedule
+from hartkit.model.checkpoint import HART, atomic_dir, build_hart, save_hart, write_json
+from hartkit.model.presets import Preset, get_preset
+from hartkit.model.sampler import filter_top_k_top_p
+from hartkit.model.text_encoder import TextEncoder, make_tiny_text_model
+from hartkit.validate import scenes
+
+REPRODUCE = "python examples/train_tiny_hart.py --out assets/demo"
+
+
+@dataclass
+class TrainConfig:
+    out: str = "assets/demo"
+    preset: str = "demo"
+    seed: int = 0
+    threads: int = 2
+    num_images: int = 24000  # training pool (train split), shared by both phases
+    two_shape_prob: float = scenes.TWO_SHAPE_PROB
+    # tokenizer
+    vae_steps: int = 1400
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
+    vq_beta: float = 0.25
+    restart_every: int = 100  # dead-code re-seeding period (first 60 % of the steps)
+    # AR transformer + diffusion head
+    ar_steps: int = 1600
+    ar_batch: int = 64
+    ar_lr: float = 1.5e-3
+    cond_drop: float = 0.1
+    diffusion_batch_mul: int = 4
+    weight_decay: float = 0.05
+    warmup: int = 100
+    grad_clip: float = 2.0
+    overwrite: bool = True
+    progress: bool = True
+
+    @classmethod
+    def smoke(cls, out: str) -> "TrainConfig":
+        """A few steps of the ``tiny`` preset (32x32 px): exercises every line in seconds."""
+        return cls(out=out, preset="tiny", num_images=24, vae_steps=3, vae_batch=4, ar_steps=3, ar_batch=4,
+                   warmup=1, restart_every=2, progress=False)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 5 % of the base rate."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def image_size_of(spec: Preset) -> int:
+    return spec.vae.downsample * spec.vae.v_patch_nums[-1]
+
+
+def to_model_range(images_u8: np.ndarray) -> Tensor:
+    """uint8 [N,H,W,3] -> float [N,3,H,W] in [-1, 1] (the VAE's range)."""
+    return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def psnr(a: Tensor, b: Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+    mse = F.mse_loss(a.clamp(-1, 1), b.clamp(-1, 1)).item()
+    return 10 * math.log10(4.0 / max(mse, 1e-12))
+
+
+def bar(iterable, cfg: TrainConfig, **kwargs):
+    return tqdm(iterable, disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+# ----------------------------------------------------------------------------- text model
+
+
+def write_text_model(out: Path, spec: Preset, seed: int) -> Path:
+    """A frozen random tiny Qwen2 (``make_tiny_text_model``) whose tokenizer is re-trained on the
+    scene captions, so every caption word is one token. config.json's special ids follow."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    make_tiny_text_model(out, seed=seed, **spec.text)
+    vocab_size = spec.text.get("vocab_size", 512)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    captions = [s.caption() for s in scenes.specs_of_split("train")]
+    tok.train_from_iterator([HART_SYSTEM_PROMPT] * 4 + captions, trainer)
+    tok.add_special_tokens(["<|endoftext|>"])
+    for stale in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (out / stale).unlink(missing_ok=True)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                            pad_token="<|endoftext|>").save_pretrained(str(out))
+    pad_id = tok.token_to_id("<|endoftext|>")
+    config = json.loads((out / "config.json").read_text())
+    config.update(bos_token_id=pad_id, eos_token_id=pad_id, pad_token_id=pad_id)
+    write_json(out / "config.json", config)
+    return out
+
+
+@torch.no_grad()
+def encode_captions(encoder: TextEncoder, captions: list[str], max_length: int) -> tuple[Tensor, Tensor]:
+    """Context features [N, T, D] and masks [N, T] of distinct captions, in batches."""
+    ctx, masks = [], []
+    for i in range(0, len(captions), 256):
+        c, m, _ = encoder.encode(captions[i : i + 256], max_length=max_length)
+        ctx.append(c)
+        masks.append(m)
+    return torch.cat(ctx), torch.cat(masks)
+
+
+# ----------------------------------------------------------------------------- tokenizer training
+
+
+def quantize_for_training(vae, f: Tensor, beta: float) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+    """VAR's multi-scale residual quantization with its VQ loss (``VectorQuantizer2.forward``).
+
+    Returns ``(f_hat_discrete, vq_loss, idx_list, queries)``; ``f_hat_discrete`` carries gradients
+    to the codebook and phi convs only (the caller adds the straight-through path to the encoder).
+    ``queries`` are the vectors looked up at each scale (to re-seed dead codes).
+    """
+    pns = vae.quantize.v_patch_nums
+    B, C, H, W = f.shape
+    SN = len(pns)
+    f_ng = f.detach()
+    f_rest, f_hat = f_ng, torch.zeros_like(f_ng)
+    vq_loss = f.new_zeros(())
+    idx_list, queries = [], []
+    for si, pn in enumerate(pns):
+        z = f_rest if si == SN - 1 else F.interpolate(f_rest, size=(pn, pn), mode="area")
+        z = z.detach().permute(0, 2, 3, 1).reshape(-1, C)
+        idx = vae.quantize.nearest_index(z)
+        h = vae.quantize.embedding(idx).reshape(B, pn, pn, C).permute(0, 3, 1, 2)
+        if si != SN - 1:
+            h = vae.phi(vae.phi_index(si, SN), F.interpolate(h, size=(H, W), mode="bicubic"))
+        f_hat = f_hat + h
+        f_rest = f_rest - h
+        vq_loss = vq_loss + beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f_ng)
+        idx_list.append(idx)
+        queries.append(z)
+    return f_hat, vq_loss / SN, idx_list, queries
+
+
+def train_tokenizer(model: HART, pool: np.ndarray, cfg: TrainConfig, log: dict) -> None:
+    vae = model.vae.train()
+    V = vae.quantize.vocab_size
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    hits = torch.zeros(V)
+    history = []
+    with torch.no_grad():  # data-dependent codebook init: random encoder outputs of every scale
+        first = to_model_range(pool[torch.randint(len(pool), (64,), generator=gen).numpy()])
+        _, _, _, queries = quantize_for_training(vae, vae.encode(first), cfg.vq_beta)
+        q = torch.cat(queries)
+        vae.quantize.embedding.weight.copy_(q[torch.randint(len(q), (V,), generator=gen)]
+                                            + 0.01 * torch.randn(V, q.shape[1], generator=gen))
+    pbar = bar(range(cfg.vae_steps), cfg, desc="tokenizer", unit="step")
+    for step in pbar:
+        set_lr(opt, lr_at(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup))
+        batch = pool[torch.randint(len(pool), (cfg.vae_batch,), generator=gen).numpy()]
+        x = to_model_range(batch)
+        f = vae.encode(x)
+        f_disc, vq_loss, idx_list, queries = quantize_for_training(vae, f, cfg.vq_beta)
+        # Hybrid: half of the samples decode the continuous latent (f_disc + residual == f), half the
+        # discrete-only one; both straight-through to the encoder.
+        discrete = (torch.arange(x.shape[0]) % 2 == 1).view(-1, 1, 1, 1)
+        f_dec = torch.where(discrete, (f_disc.detach() - f.detach()) + f, f)
+        rec = vae.decoder(vae.post_quant_conv(f_dec))
+        rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        loss = rec_loss + vq_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            hits += torch.bincount(torch.cat(idx_list), minlength=V).float()
+            if cfg.restart_every and (step + 1) % cfg.restart_every == 0 and step < 0.6 * cfg.vae_steps:
+                dead = (hits == 0).nonzero().flatten()
+                if len(dead):
+                    q = torch.cat(queries)
+                    pick = torch.randint(len(q), (len(dead),), generator=gen)
+                    vae.quantize.embedding.weight[dead] = q[pick] + 0.01 * torch.randn(len(dead), q.shape[1], generator=gen)
+                hits.zero_()
+        if step % 20 == 0 or step == cfg.vae_steps - 1:
+            rec_c = psnr(rec[~discrete.flatten()].detach(), x[~discrete.flatten()])
+            rec_d = psnr(rec[discrete.flatten()].detach(), x[discrete.flatten()])
+            history.append({"step": step, "rec": rec_loss.item(), "vq": vq_loss.item(),
+                            "psnr_hybrid": rec_c, "psnr_discrete": rec_d})
+            pbar.set_postfix(rec=f"{rec_loss.item():.4f}", vq=f"{vq_loss.item():.4f}",
+                             psnr_h=f"{rec_c:.1f}", psnr_d=f"{rec_d:.1f}")
+    vae.eval()
+    log["tokenizer_history"] = history
+
+
+@torch.no_grad()
+def tokenize_pool(model: HART, pool: np.ndarray, cfg: TrainConfig) -> tuple[Tensor, Tensor, dict]:
+    """Ground-truth token indices of every scale [N, sum pn^2] and the last-scale residual target
+    ``f_rest_last`` [N, n_last, Cvae] (upstream's ``last_layer_gt``), plus reconstruction PSNRs."""
+    vae = model.vae.eval()
+    idx_all, rest_all = [], []
+    psnr_h, psnr_d = [], []
+    for i in bar(range(0, len(pool), 128), cfg, desc="tokenizing", unit="batch"):
+        x = to_model_range(pool[i : i + 128])
+        idx_list, f_hats, f_rest_last = vae.quantize_residual(vae.encode(x))
+        idx_all.append(torch.cat(idx_list, dim=1))
+        rest_all.append(f_rest_last)
+        if i < 1024:  # reconstruction quality on the first images
+            f_disc = f_hats[-1]
+            f_full = vae.encode(x)
+            psnr_d.append(psnr(vae.decode(f_disc), x))
+            psnr_h.append(psnr(vae.decode(f_full), x))
+    stats = {"psnr_discrete_db": float(np.mean(psnr_d)), "psnr_hybrid_db": float(np.mean(psnr_h))}
+    return torch.cat(idx_all), torch.cat(rest_all), stats
+
+
+# ----------------------------------------------------------------------------- diffusion loss
+
+
+class DiffusionTrainingLoss:
+    """IDDPM ``training_losses`` for DiffLoss: 1000-step cosine schedule, epsilon prediction with the
+    plain MSE, plus the variational-bound term that trains the learned-range variance (with the mean
+    frozen), in bits per dimension; the decoder NLL replaces the KL at t = 0 (as upstream)."""
+
+    def __init__(self) -> None:
+        s = IDDPMSchedule.create("")  # no respacing: the 1000 training steps
+        def t32(a):
+            return torch.tensor(np.asarray(a), dtype=torch.float32)
+        self.num_timesteps = s.num_steps
+        self.sqrt_ac = t32(np.sqrt(s.alphas_cumprod))
+        self.sqrt_1m_ac = t32(np.sqrt(1.0 - s.alphas_cumprod))
+        self.sqrt_recip_ac = t32(s.sqrt_recip_alphas_cumprod)
+        self.sqrt_recipm1_ac = t32(s.sqrt_recipm1_alphas_cumprod)
+        self.coef1 = t32(s.posterior_mean_coef1)
+        self.coef2 = t32(s.posterior_mean_coef2)
+        self.min_log = t32(s.posterior_log_variance_clipped)
+        self.max_log = t32(s.log_betas)
+
+    def __call__(self, net, x0: Tensor, z: Tensor, gen: torch.Generator) -> Tensor:
+        N, C = x0.shape
+        t = torch.randint(0, self.num_timesteps, (N,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        col = lambda a: a[t].unsqueeze(1)  # noqa: E731
+        x_t = col(self.sqrt_ac) * x0 + col(self.sqrt_1m_ac) * noise
+        out = net(x_t, t.float(), z)
+        eps, v = out[:, :C], out[:, C:]
+        mse = (noise - eps).square().mean(dim=1)
+        # VB term: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) with the mean's gradient stopped.
+        true_mean = col(self.coef1) * x0 + col(self.coef2) * x_t
+        true_logvar = col(self.min_log)
+        pred_x0 = col(self.sqrt_recip_ac) * x_t - col(self.sqrt_recipm1_ac) * eps.detach()
+        model_mean = col(self.coef1) * pred_x0 + col(self.coef2) * x_t
+        frac = (v + 1) / 2
+        model_logvar = frac * col(self.max_log) + (1 - frac) * col(self.min_log)
+        kl = 0.5 * (-1.0 + model_logvar - true_logvar + torch.exp(true_logvar - model_logvar)
+                    + (true_mean - model_mean).square() * torch.exp(-model_logvar))
+        kl = kl.mean(dim=1) / math.log(2.0)
+        nll = -_discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar).mean(dim=1) / math.log(2.0)
+        vb = torch.where(t == 0, nll, kl)
+        return (mse + vb).mean()
+
+
+def _approx_standard_normal_cdf(x: Tensor) -> Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def _discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
+    """Upstream's (ADM's) likelihood of x in [-1, 1] discretised to 256 bins."""
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = _approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+# ----------------------------------------------------------------------------- AR training
+
+
+def init_transformer(tr) -> None:
+    """Upstream ``init_weights`` (VAR's): trunc-normal linears (std sqrt(1/3C)), zero biases, the
+    head scaled by 0.02, AdaLN gates gamma ~ 1e-5 (each block starts as the identity), residual
+    projections scaled by 1/sqrt(2 depth); the diffusion head as MAR (xavier, zeroed AdaLN and
+    output layers)."""
+    C = tr.C
+    std = math.sqrt(1 / C / 3)
+    with torch.no_grad():
+        for name, m in tr.named_modules():
+            if name.startswith("diffloss"):
+                continue
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.trunc_normal_(m.weight, std=std)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, torch.nn.Embedding):
+                torch.nn.init.trunc_normal_(m.weight, std=std)
+        tr.head.weight.mul_(0.02)
+        tr.head_nm.ada_lin[-1].weight.mul_(0.5)
+        for blk in tr.blocks:
+            blk.attn.proj.weight.div_(math.sqrt(2 * tr.depth))
+            for name in ("down_proj", "fc2"):
+                if hasattr(blk.ffn, name):
+                    getattr(blk.ffn, name).weight.div_(math.sqrt(2 * tr.depth))
+            w = blk.ada_lin[-1].weight
+            w[2 * C :].mul_(0.5)  # scales and shifts
+            w[: 2 * C].mul_(1e-5)  # gamma1, gamma2
+        net = tr.diffloss.net
+        for m in net.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    m.bias.zero_()
+        torch.nn.init.normal_(net.time_embed.mlp[0].weight, std=0.02)
+        torch.nn.init.normal_(net.time_embed.mlp[2].weight, std=0.02)
+        for blk in net.res_blocks:
+            blk.adaLN_modulation[-1].weight.zero_()
+            blk.adaLN_modulation[-1].bias.zero_()
+        net.final_layer.adaLN_modulation[-1].weight.zero_()
+        net.final_layer.adaLN_modulation[-1].bias.zero_()
+        net.final_layer.linear.weight.zero_()
+        net.final_layer.linear.bias.zero_()
+
+
+def block_causal_bias(tr) -> Tensor:
+    """Upstream ``attn_bias_for_masking``: query level >= key level -> 0, else -inf; [1,1,L,L]."""
+    lvl = tr.lvl_1L[0]
+    allowed = lvl[:, None] >= lvl[None, :]
+    return torch.where(allowed, 0.0, -torch.inf).view(1, 1, len(lvl), len(lvl))
+
+
+def rope_tables(tr, positions: np.ndarray) -> tuple[Tensor, Tensor]:
+    """cos/sin [B, seq, head_dim] of a whole teacher-forced sequence: the context's 1-D positions,
+    then every scale but the 1x1 at its 2-D coordinates offset by the last context position."""
+    cfg = tr.cfg
+    cos_parts, sin_parts = [], []
+    c, s = rope_cos_sin_1d(positions, cfg.head_dim)
+    cos_parts.append(c)
+    sin_parts.append(s)
+    offsets = positions[:, -1]
+    for si in range(1, len(cfg.patch_nums)):
+        c, s = rope_cos_sin_2d(stage_positions(cfg.patch_nums, si, offsets), cfg.head_dim)
+        cos_parts.append(c)
+        sin_parts.append(s)
+    return torch.from_numpy(np.concatenate(cos_parts, 1)), torch.from_numpy(np.concatenate(sin_parts, 1))
+
+
+def ar_losses(model: HART, context: Tensor, mask: Tensor, drop: Tensor, targets: Tensor, f_rest_last: Tensor,
+              diffusion: DiffusionTrainingLoss, cfg: TrainConfig, gen: torch.Generator, bias: Tensor) -> dict[str, Tensor]:
+    """Teacher-forced losses of one batch (upstream ``HARTForT2I.forward`` + ``forward_diff_loss``)."""
+    tr, vae = model.transformer, model.vae
+    T, pns = tr.T, tr.patch_nums
+    B = context.shape[0]
+    # Condition dropout as at inference: zero context (cond_BD = context_embed.bias), positions 0,
+    # and the uncond rows' mask (only the first token; read by 'avg' pooling only).
+    context = torch.where(drop.view(B, 1, 1), torch.zeros_like(context), context)
+    uncond_mask = torch.zeros_like(mask)
+    uncond_mask[:, 0] = True
+    mask = torch.where(drop.view(B, 1), uncond_mask, mask)
+    positions = np.cumsum(mask.numpy(), axis=1, dtype=np.int64) - 1
+    positions[drop.numpy()] = 0
+
+    cond_BD = tr.context_embed(tr.context_norm(context))
+    block_mods, head_mod = tr.modulations(cond_BD, mask)
+    split = [pn * pn for pn in pns]
+    idx_list = list(targets.split(split, dim=1))
+    with torch.no_grad():
+        tf = vae.teacher_forcing_input(idx_list)  # [B, L-1, Cvae]
+    x_img = tr.word_embed(tf) + tr.lvl_embed(tr.lvl_1L[0, T:])
+    if tr.pos_1LC is not None:
+        x_img = x_img + tr.pos_1LC[:, T:]
+    x = torch.cat([tr.context_stage_input(cond_BD), x_img], dim=1)
+    cos = sin = None
+    if tr.cfg.attn_type == "llama":
+        cos, sin = rope_tables(tr, positions)
+    h, _, _ = tr.blocks_forward(x, block_mods, cos, sin, None, None, attn_bias=bias)
+
+    logits = tr.logits(h[:, T - 1 :], head_mod)  # the last context position predicts the 1x1 scale
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    with torch.no_grad():
+        acc = (logits.argmax(-1) == targets).float().mean()
+
+    # Residual diffusion head on the last scale.
+    n_last = split[-1]
+    codebook = vae.quantize.embedding.weight.detach()
+    with torch.no_grad():
+        last_logits = filter_top_k_top_p(logits[:, -n_last:].detach(), min(600, logits.shape[-1]), 0.96)
+        idx_sampled = torch.multinomial(last_logits.softmax(-1).reshape(-1, logits.shape[-1]), 1,
+                                        generator=gen).view(B, n_last)
+    emb = F.embedding(idx_sampled, codebook)
+    z = tr.decoder_norm(h[:, -n_last:] + tr.word_embed(emb))
+    target = (f_rest_last - emb) / tr.diffloss.vae_scale
+    mul = cfg.diffusion_batch_mul
+    diff = diffusion(tr.diffloss.net, target.reshape(B * n_last, -1).repeat(mul, 1),
+                     z.reshape(B * n_last, -1).repeat(mul, 1), gen)
+    return {"loss": ce + diff, "ce": ce, "diff": diff, "acc": acc}
+
+
+def train_transformer(model: HART, cap_ids: Tensor, context: Tensor, mask: Tensor, targets: Tensor,
+                      f_rest_last: Tensor, cfg: TrainConfig, log: dict) -> None:
+    tr = model.transformer.train()
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    decay, no_decay = [], []
+    for name, p in tr.named_parameters():
+        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.ar_lr, betas=(0.9, 0.95))
+    diffusion = DiffusionTrainingLoss()
+    bias = block_causal_bias(tr)
+    history = []
+    pbar = bar(range(cfg.ar_steps), cfg, desc="transformer", unit="step")
+    for step in pbar:
+        set_lr(opt, lr_at(step, cfg.ar_steps, cfg.ar_lr, cfg.warmup))
+        rows = torch.randint(len(targets), (cfg.ar_batch,), generator=gen)
+        caps = cap_ids[rows]
+        drop = torch.rand(cfg.ar_batch, generator=gen) < cfg.cond_drop
+        out = ar_losses(model, context[caps], mask[caps], drop, targets[rows], f_rest_last[rows],
+                        diffusion, cfg, gen, bias)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(tr.parameters(), cfg.grad_clip)
+        opt.step()
+        if step % 20 == 0 or step == cfg.ar_steps - 1:
+            rec = {k: float(v) for k, v in out.items()}
+            history.append({"step": step, **rec})
+            pbar.set_postfix(ce=f"{rec['ce']:.3f}", acc=f"{rec['acc']:.3f}", diff=f"{rec['diff']:.3f}")
+    tr.eval()
+    log["transformer_history"] = history
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run every phase and write the checkpoint folder ``cfg.out``; returns its path."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    spec = get_preset(cfg.preset)
+    size = image_size_of(spec)
+    out = Path(cfg.out)
+    log: dict = {"config": asdict(cfg), "image_size": size, "timings_s": {}}
+    t_start = time.time()
+
+    def lap(name: str, since: float) -> float:
+        now = time.time()
+        log["timings_s"][name] = round(now - since, 1)
+        return now
+
+    t = time.time()
+    pool, captions, _ = scenes.dataset(cfg.num_images, seed=cfg.seed, split="train", image_size=size,
+                                       two_shape_prob=cfg.two_shape_prob)
+    t = lap("data", t)
+
+    model = build_hart(spec.hart, spec.vae)
+    init_transformer(model.transformer)
+    train_tokenizer(model, pool, cfg, log)
+    t = lap("tokenizer", t)
+    targets, f_rest_last, rec_stats = tokenize_pool(model, pool, cfg)
+    log["tokenizer_eval"] = rec_stats
+    log["residual_over_vae_scale_abs_p99"] = float(
+        (f_rest_last.reshape(-1, f_rest_last.shape[-1]) / 0.6).abs().quantile(0.99).item()
+        if f_rest_last.numel() < 16_000_000 else float("nan"))
+    t = lap("tokenize", t)
+
+    with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
+        text_dir = write_text_model(tmp / "text_model", spec, cfg.seed)
+        encoder = TextEncoder.from_pretrained(text_dir)
+        distinct = sorted(set(captions))
+        context, mask = encode_captions(encoder, distinct, spec.hart.context_token)
+        index = {c: i for i, c in enumerate(distinct)}
+        cap_ids = torch.tensor([index[c] for c in captions])
+        t = lap("text_features", t)
+
+        train_transformer(model, cap_ids, context, mask, targets, f_rest_last, cfg, log)
+        t = lap("transformer", t)
+        model.eval()
+        save_hart(model, tmp)
+        log["timings_s"]["total"] = round(time.time() - t_start, 1)
+        log["num_parameters"] = {
+            "transformer": sum(p.numel() for p in model.transformer.parameters()),
+            "diffusion_head": sum(p.numel() for p in model.transformer.diffloss.parameters()),
+            "tokenizer": sum(p.numel() for p in model.vae.parameters()),
+            "text_model": sum(p.numel() for p in encoder.parameters()),
+        }
+        log["torch_version"] = torch.__version__
+        (tmp / "training.json").write_text(json.dumps(log, indent=1) + "\n")
+    print(f"wrote {out} in {log['timings_s']['total']:.0f} s "
+          f"(tokenizer PSNR discrete {rec_stats['psnr_discrete_db']:.2f} dB, "
+          f"hybrid {rec_stats['psnr_hybrid_db']:.2f} dB)", file=sys.stderr)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults = TrainConfig()
+    p.add_argument("--out", default=defaults.out, help=f"output folder (default: {defaults.out})")
+    p.add_argument("--smoke", action="store_true", help="a few steps of the tiny preset (for tests)")
+    for name in ("seed", "threads", "num_images", "vae_steps", "vae_batch", "ar_steps", "ar_batch"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
+    for name in ("vae_lr", "ar_lr", "cond_drop"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
+    p.add_argument("--preset", default=None)
+    args = p.parse_args(argv)
+    cfg = TrainConfig.smoke(args.out) if args.smoke else replace(defaults, out=args.out)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("out", "smoke") and v is not None}
+    return replace(cfg, **overrides)
+
+
+if __name__ == "__main__":
+    train(parse_args())

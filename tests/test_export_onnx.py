@@ -1,0 +1,154 @@
+"""ONNX export of every graph and the torch-free runtime on onnxruntime, against the torch reference.
+
+Bar: fp32 graphs within |err| <= 1e-4 + 1e-4 * max|ref| and SNR >= 60 dB on inputs recorded from the
+reference loop (export/parity.py); the runtime must sample the same tokens at every stage as the
+reference sampler for the same seed and give an image within PSNR >= 40 dB.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from hartkit.errors import HartkitError, MissingDependencyError, UsageError
+from hartkit.export.exporter import export_checkpoint, parse_formats
+from hartkit.runtime.images import psnr
+from hartkit.runtime.pipeline import Pipeline
+
+PROMPTS = ["a red circle above a blue square", "a green triangle on a white background"]
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exports") / "onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = export_checkpoint(tiny_checkpoint, out, ["onnx"])
+    return out, result
+
+
+def test_every_graph_exported_and_within_the_bar(onnx_export):
+    out, result = onnx_export
+    info = json.loads((out / "export.json").read_text())
+    graphs = {g["name"] for g in info["graphs"]}
+    assert {"text_encoder", "condition", "ar_context", "ar_stage", "ar_head", "diffusion_condition",
+            "diffusion_cond_embed", "denoise", "vae_decode", "residual_0"} <= graphs
+    assert set(info["files"]["onnx"]) == graphs
+    for name, rel in info["files"]["onnx"].items():
+        assert (out / rel).is_file(), name
+    parity = {p["graph"]: p for p in info["parity"]}
+    assert set(parity) == graphs
+    for p in parity.values():
+        assert p["ok"] and p["max_abs_err"] < 1e-4 and p["min_snr_db"] > 60, p
+    assert parity["ar_stage"]["calls"] == len(info["loop"]["patch_nums"]) - 1  # every later stage recorded
+
+
+@pytest.mark.parametrize("seed", [0, 11])
+def test_runtime_on_onnxruntime_matches_the_reference_sampler(onnx_export, tiny_model, tiny_text_encoder, seed):
+    from hartkit.model.sampler import generate_from_prompts
+
+    out, _ = onnx_export
+    pipe = Pipeline.from_exported(out, backend="onnxruntime")
+    for prompt in PROMPTS:
+        ref_img, ref = generate_from_prompts(tiny_model, tiny_text_encoder, [prompt], seed=seed)
+        img, trace = pipe.generate(prompt, seed=seed)
+        assert len(trace.tokens) == len(ref.tokens)
+        for si, (a, b) in enumerate(zip(ref.tokens, trace.tokens)):
+            assert np.array_equal(a, b), f"stage {si} tokens differ"
+        assert psnr(ref_img[0], img) >= 40.0
+
+
+def test_runtime_with_the_torch_backend_equals_the_reference(tiny_checkpoint, tiny_model, tiny_text_encoder):
+    from hartkit.model.sampler import generate_from_prompts
+
+    pipe = Pipeline.from_checkpoint(tiny_checkpoint)
+    ref_img, ref = generate_from_prompts(tiny_model, tiny_text_encoder, [PROMPTS[0]], seed=3)
+    img, trace = pipe.generate(PROMPTS[0], seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(ref.tokens, trace.tokens))
+    assert np.array_equal(ref_img[0], img)
+    assert np.allclose(ref.f_hat, trace.f_hat, atol=1e-4)
+
+
+def test_pipeline_call_returns_a_pil_image(onnx_export):
+    out, _ = onnx_export
+    image = Pipeline.from_exported(out)(PROMPTS[1], seed=0)
+    assert image.size == (32, 32) and image.mode == "RGB"
+
+
+def test_runtime_imports_and_runs_without_torch(onnx_export):
+    out, _ = onnx_export
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, Block())
+import hartkit.runtime
+from hartkit.runtime.pipeline import Pipeline
+pipe = Pipeline.from_exported({str(out)!r}, backend="onnxruntime")
+img, trace = pipe.generate("a red circle", seed=0)
+assert "torch" not in sys.modules
+print("ok", img.shape)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "ok (32, 32, 3)" in res.stdout
+
+
+def test_bad_formats_backends_and_folders(onnx_export, tiny_checkpoint, tmp_path, monkeypatch):
+    out, _ = onnx_export
+    with pytest.raises(UsageError, match="unknown export format"):
+        parse_formats("onnx,tflite")
+    with pytest.raises(UsageError, match="unknown backend 'tensorrt'"):
+        Pipeline.from_exported(out, backend="tensorrt")
+    with pytest.raises(UsageError, match="unknown graphs"):
+        Pipeline.from_exported(out, graph_backends={"nope": "onnxruntime"})
+    with pytest.raises(UsageError, match="already holds an export"):
+        export_checkpoint(tiny_checkpoint, out, ["onnx"])
+    with pytest.raises(HartkitError, match="not a hartkit export"):
+        Pipeline.from_exported(tmp_path)
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "coremltools" else real(name, *a))
+    with pytest.raises(MissingDependencyError, match="coremltools"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "x", ["coreml"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_graph_file_is_named(onnx_export, tmp_path):
+    import shutil
+
+    out, _ = onnx_export
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "onnx" / "denoise.onnx").unlink()
+    pipe = Pipeline.from_exported(broken)
+    with pytest.raises(HartkitError, match="denoise"):
+        pipe.generate("a red circle", seed=0)
+
+
+def test_a_failed_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("hartkit.export.onnx_export.export_onnx_graph", boom)
+    with pytest.raises(KeyboardInterrupt):
+        export_checkpoint(tiny_checkpoint, tmp_path / "out", ["onnx"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parity_failure_discards_the_export(tiny_checkpoint, tmp_path, monkeypatch):
+    from hartkit.export import parity
+
+    monkeypatch.setattr(parity, "ATOL", -1.0)  # an impossible bar: every graph fails
+    monkeypatch.setattr(parity.compare_outputs, "__defaults__", (-1.0, 0.0, 60.0))
+    with pytest.raises(parity.ParityError, match="missed the parity bar"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "out", ["onnx"])
+    assert not (tmp_path / "out").exists()
