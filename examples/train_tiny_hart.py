@@ -42,10 +42,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -488,7 +487,7 @@ def train_transformer(model: HART, cap_ids: Tensor, context: Tensor, mask: Tenso
         torch.nn.utils.clip_grad_norm_(tr.parameters(), cfg.grad_clip)
         opt.step()
         if step % 20 == 0 or step == cfg.ar_steps - 1:
-            rec = {k: float(v) for k, v in out.items()}
+            rec = {k: float(v.detach()) for k, v in out.items()}
             history.append({"step": step, **rec})
             pbar.set_postfix(ce=f"{rec['ce']:.3f}", acc=f"{rec['acc']:.3f}", diff=f"{rec['diff']:.3f}")
     tr.eval()

@@ -14,8 +14,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from hartkit.errors import HartkitError, MissingDependencyError, UsageError
+from hartkit.export.bundle import DEFAULT_CFG, build_manifest, write_golden, write_loop_golden
 from hartkit.export.graphs import GraphSpec, hart_graph_specs
 from hartkit.export.info import build_export_info
+from hartkit.runtime.bundle import MANIFEST
 from hartkit.export.parity import GraphParity, ParityError, check_backend, format_table
 
 FORMATS = ("onnx", "executorch", "coreml")
@@ -84,7 +86,7 @@ def check_target(out: Path, overwrite: bool) -> None:
         return
     if overwrite:
         return
-    if (out / "export.json").is_file():
+    if (out / MANIFEST).is_file():
         raise UsageError(f"{out}: already holds an export (of another model or an older run); "
                          "choose another folder or pass --force to replace it")
     raise UsageError(f"{out}: exists and is not empty; choose another folder")
@@ -126,7 +128,7 @@ def export_checkpoint(
     recorder = RecordingBackend(torch_backend)
     pipe = Pipeline(_loop_from(model, system_length), recorder, encoder.tokenizer,
                     torch_backend.codebook)
-    pipe.generate(record_prompt, seed=seed)
+    ref_image, ref_trace = pipe.generate(record_prompt, seed=seed)
 
     result = ExportResult(out, formats)
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -148,7 +150,11 @@ def export_checkpoint(
                                   + format_table(failed))
         info["parity"] = [r.to_json() for r in result.parity]
         info["notes"] = result.notes
-        _write_info(tmp, info)
+        golden_graphs = write_golden(tmp, recorder.calls, output_names)
+        golden_loop = write_loop_golden(tmp, record_prompt, seed, DEFAULT_CFG, ref_trace.tokens, ref_image)
+        manifest = build_manifest(info, encoder.tokenizer, golden_graphs, golden_loop, None,
+                                  checkpoint.resolve().name, tmp)
+        _write_info(tmp, manifest)
     return result
 
 
@@ -173,7 +179,7 @@ def _copy_tokenizer(text_dir: Path, dst: Path) -> None:
 def _write_info(folder: Path, info: dict) -> None:
     from hartkit.model.checkpoint import write_json
 
-    write_json(folder / "export.json", info)
+    write_json(folder / MANIFEST, info)
 
 
 def _export_format(fmt: str, specs: list[GraphSpec], modules, folder: Path, say) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""``export.json``: what an export folder holds, written once by the exporter and read by the runtime.
+"""The export section of ``manifest.json``: what an export folder holds, read by the runtime.
 
 The ``loop`` section carries everything the torch-free host loop needs (scales, vocabulary, RoPE head
 dim, phi count, diffusion steps, system-prompt length); ``graphs`` the declared inputs/outputs of every

@@ -23,7 +23,7 @@ from hartkit.loop.rope import context_positions, rope_cos_sin_1d, rope_cos_sin_2
 from hartkit.loop.schedule import IDDPMSchedule
 from hartkit.runtime.sampling import cfg_mix, sample_stage
 
-EXPORT_INFO = "export.json"
+EXPORT_INFO = "manifest.json"  # the bundle manifest (runtime/bundle.py)
 CONSTANTS = "constants.npz"
 TOKENIZER_DIR = "tokenizer"
 MAX_CFG = 50.0
@@ -98,6 +98,18 @@ class Pipeline:
         constants = _load_constants(export_dir / info.get("constants", CONSTANTS))
         tokenizer = PromptTokenizer.from_dir(export_dir / info.get("tokenizer", TOKENIZER_DIR))
         return cls(loop, runner, tokenizer, constants["codebook"])
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: str | Path, backend: str = "onnxruntime",
+                    graph_backends: Mapping[str, str] | None = None, verify: bool = True) -> "Pipeline":
+        """Load a bundle; with ``verify`` (default) every file's sha256 is checked against the manifest first."""
+        from hartkit.runtime.bundle import BundleError, verify_bundle
+
+        if verify:
+            report = verify_bundle(bundle_dir)
+            if not report.ok:
+                raise BundleError(f"{bundle_dir}: bundle does not verify: " + "; ".join(report.problems[:5]))
+        return cls.from_exported(bundle_dir, backend=backend, graph_backends=graph_backends)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, text_model: str | Path | None = None) -> "Pipeline":

@@ -32,3 +32,15 @@ def tiny_text_encoder(tiny_checkpoint):
     from hartkit.model.text_encoder import TextEncoder
 
     return TextEncoder.from_pretrained(tiny_checkpoint / "text_model")
+
+
+@pytest.fixture(scope="session")
+def onnx_bundle(tiny_checkpoint, tmp_path_factory):
+    """An fp32 ONNX export (a verified bundle) of the tiny checkpoint, shared by the test files."""
+    from hartkit.export.exporter import export_checkpoint
+
+    out = tmp_path_factory.mktemp("exports") / "onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = export_checkpoint(tiny_checkpoint, out, ["onnx"])
+    return out, result

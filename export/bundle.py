@@ -1,0 +1,121 @@
+"""Turning an export folder into a verified bundle: manifest.json, checksums, golden vectors.
+
+Reading, verifying and (un)packing live in :mod:`hartkit.runtime.bundle` (torch-free).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from hartkit.loop.plan import stage_plan
+from hartkit.loop.prompt import HART_SYSTEM_PROMPT
+from hartkit.loop.schedule import IDDPMSchedule
+from hartkit.runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
+
+LIBRARIES = ("torch", "numpy", "transformers", "tokenizers", "onnx", "onnxruntime", "onnxscript", "executorch",
+             "torchao", "coremltools", "safetensors")
+# Golden-vector tolerances per format family: fp32 exports replay to ~1e-6; these leave room for
+# other CPUs/threads but catch a wrong or perturbed graph.
+GOLDEN_ATOL, GOLDEN_RTOL = 1e-3, 1e-3
+DEFAULT_CFG = 4.5
+TARGETS = {"coreml": {"minimum_deployment_target": "iOS17", "compute_precision": "float16"},
+           "executorch": {"delegate": "XnnpackBackend"}, "onnx": {"opset": 18}}
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def write_golden(folder: Path, recorded: Mapping[str, list[tuple[dict, list[np.ndarray]]]],
+                 output_names: Mapping[str, list[str]]) -> dict:
+    """One npz per graph (its first recorded call): ``in.<name>`` and ``out.<name>`` arrays."""
+    sub = folder / "golden"
+    sub.mkdir(exist_ok=True)
+    entries = {}
+    for graph, calls in sorted(recorded.items()):
+        feeds, outs = calls[min(1, len(calls) - 1)] if graph == "ar_stage" else calls[0]
+        arrays = {f"in.{k}": v for k, v in feeds.items()}
+        arrays.update({f"out.{n}": o for n, o in zip(output_names[graph], outs)})
+        path = sub / f"{graph}.npz"
+        np.savez_compressed(path, **arrays)
+        entries[graph] = {"file": f"golden/{graph}.npz", "atol": GOLDEN_ATOL, "rtol": GOLDEN_RTOL}
+    return entries
+
+
+def write_loop_golden(folder: Path, prompt: str, seed: int, cfg: float, tokens: list[np.ndarray],
+                      image: np.ndarray) -> dict:
+    path = folder / "golden" / "loop.npz"
+    path.parent.mkdir(exist_ok=True)
+    np.savez_compressed(path, image=image, **{f"tokens.{i}": t for i, t in enumerate(tokens)})
+    return {"file": "golden/loop.npz", "prompt": prompt, "seed": seed, "cfg": cfg, "more_smooth": True,
+            "note": "tokens must match exactly on fp32 backends; the image within PSNR 40 dB"}
+
+
+def artifacts(folder: Path) -> list[dict]:
+    out = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        rel = path.relative_to(folder).as_posix()
+        out.append({"path": rel, "sha256": sha256_file(path), "size": path.stat().st_size})
+    return out
+
+
+def build_manifest(info: dict, tokenizer, golden_graphs: dict, golden_loop: dict, recipe: dict | None,
+                   model_name: str, folder: Path) -> dict:
+    """The export info plus everything a Swift/Kotlin port needs to reproduce an image."""
+    loop = info["loop"]
+    sched = IDDPMSchedule.create(loop["num_sampling_steps"])
+    plan = stage_plan(loop["patch_nums"], loop["context_token"], loop["vocab_size"], DEFAULT_CFG, loop["num_phis"])
+    manifest = dict(info)
+    manifest.update({
+        "schema_version": SCHEMA_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {**info["model"], "name": model_name},
+        "loop": {
+            **loop,
+            "default_cfg": DEFAULT_CFG,
+            "rules": {
+                "ratio": "si / (SN - 1) for si < SN - 1; the final stage reuses the previous stage's ratio",
+                "cfg_scale": "t = cfg * ratio; logits = (1 + t) * cond - t * uncond",
+                "top_k": "min(600 if si < 7 else 300, V); keep logits >= k-th largest (ties survive)",
+                "top_p": "0 (off) by default",
+                "gumbel_tau": "max(0.27 * (1 - 0.95 * ratio), 0.005)",
+                "gumbel_logit_scale": "1 + ratio (applied to the top-k-masked logits)",
+                "phi": "argmin |ticks - si/(SN-1)| in float64 (ticks: linspace(1/3K, 1-1/3K, K) if K==4 else linspace(1/2K, 1-1/2K, K))",
+                "sampling": "idx = argmax(softmax(masked) / E_sample); more_smooth: latents = softmax((masked*(1+ratio) - log E_gumbel)/tau) @ codebook",
+            },
+            "stages_at_default_cfg": [s.to_dict() for s in plan],
+        },
+        "diffusion": {
+            "timesteps": [int(t) for t in sched.timesteps],
+            "tables": sched.as_table(),
+            "vae_scale": 0.6,
+            "clip_denoised": True,
+            "cfg_rule": "eps = (1 + t) * eps_cond - t * eps_uncond; no guidance when t == 1.0 exactly",
+        },
+        "prompt": {
+            "system_prompt": HART_SYSTEM_PROMPT,
+            "use_system_prompt": True,
+            "max_tokens": loop["context_token"],
+            "system_length": loop["system_length"],
+            "padding_side": tokenizer.padding_side,
+            "pad_token_id": int(tokenizer.pad_token_id),
+            "context_mask": "ids != pad_token_id; positions = cumsum(mask) - 1",
+        },
+        "golden": {"graphs": golden_graphs, "loop": golden_loop},
+        "recipe": recipe,
+        "libraries": library_versions(),
+        "targets": {fmt: TARGETS[fmt] for fmt in info.get("files", {}) if fmt in TARGETS},
+    })
+    manifest["artifacts"] = artifacts(folder)
+    return manifest
