@@ -259,6 +259,8 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like any new folder
     try:
         yield tmp
+        for path in tmp.rglob("*"):  # some writers (safetensors, mkstemp) create 0600 files
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

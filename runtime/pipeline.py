@@ -64,10 +64,12 @@ class LoopInfo:
 
 @dataclass
 class RuntimeTrace:
-    tokens: list[np.ndarray] = field(default_factory=list)
-    stage_logits: list[np.ndarray] = field(default_factory=list)
+    tokens: list[np.ndarray] = field(default_factory=list)  # per stage: sampled indices [1, n]
+    latents: list[np.ndarray] = field(default_factory=list)  # per stage: latents fed on [1, n, Cvae]
+    stage_logits: list[np.ndarray] = field(default_factory=list)  # per stage: CFG-mixed logits (keep_logits)
     f_hat: np.ndarray | None = None
     residual: np.ndarray | None = None
+    z: np.ndarray | None = None  # diffusion condition [2, n_last, C]
 
 
 class Pipeline:
@@ -146,8 +148,13 @@ class Pipeline:
 
     def generate(self, prompt: str, seed: int = 0, cfg: float = 4.5, more_smooth: bool = True, top_p: float = 0.0,
                  progress: Callable[[str], None] | None = None, keep_logits: bool = False,
-                 context: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, RuntimeTrace]:
-        """One image: uint8 ``[H, W, 3]`` and the trace (tokens per stage, ...)."""
+                 context: tuple[np.ndarray, np.ndarray] | None = None,
+                 teacher: RuntimeTrace | None = None) -> tuple[np.ndarray, RuntimeTrace]:
+        """One image: uint8 ``[H, W, 3]`` and the trace (tokens per stage, ...).
+
+        ``teacher`` (a trace of another run, e.g. the fp32 reference) forces its sampled tokens and
+        latents at every stage, so each stage sees the teacher's inputs: teacher-forced validation.
+        """
         if not isinstance(prompt, str):
             raise UsageError(f"prompt must be a string, got {type(prompt).__name__}")
         if not (0.0 <= cfg <= MAX_CFG):
@@ -202,11 +209,15 @@ class Pipeline:
             exp_sample = next_draw()
             exp_gumbel = next_draw() if more_smooth else None
             idx, latents = sample_stage(mixed, stage, self.codebook, exp_sample, exp_gumbel, top_p)
+            if teacher is not None:
+                idx, latents = teacher.tokens[stage.si], teacher.latents[stage.si]
             trace.tokens.append(idx)
+            trace.latents.append(latents)
             if not stage.is_final:
                 f_hat, x = self._run(f"residual_{stage.si}", {"f_hat": f_hat, "latents": latents})
                 continue
             (z,) = self._run("diffusion_condition", {"h": h, "latents": self.codebook[idx]})
+            trace.z = z
             residual = self._diffusion(z.reshape(-1, z.shape[-1]), t, next_draw, last * last)
             trace.residual = residual[None]
             f_hat = f_hat + (latents + residual[None]).transpose(0, 2, 1).reshape(1, Cz, last, last)
