@@ -1,0 +1,1 @@
+"""hartkit.bench: speed, memory and size measured side by side (hartkit bench)."""
