@@ -27,7 +27,7 @@ so loss weights and schedules are ours:
 
 Deviations from upstream, on purpose: the dropped-condition rows get inference's unconditional
 layout (zero context -> ``cond_BD = context_embed.bias``, RoPE positions 0) with probability
-``cond_drop`` (upstream tests ``randn < cond_drop_rate``, i.e. drops ~54 % of rows at 0.1);
+``cond_drop_rate`` (upstream tests ``randn < cond_drop_rate``, i.e. drops ~54 % of rows at 0.1);
 no MaskGIT-style token dropping at the last scale (upstream trains on a random subset of the last
 scale's tokens to save memory at 64x64 latents; ours has 8x8); the tokenizer's discrete path
 applies no phi at the last scale, like inference and ``f_to_idxBl_and_frest`` (upstream's training
@@ -71,34 +71,59 @@ class TrainConfig:
     preset: str = "demo"
     seed: int = 0
     threads: int = 2
-    num_images: int = 24000  # training pool (train split), shared by both phases
+    num_images: int = 16000  # training pool (train split), shared by both phases
     two_shape_prob: float = scenes.TWO_SHAPE_PROB
     # tokenizer
-    vae_steps: int = 1400
+    vae_steps: int = 1200
     vae_batch: int = 16
     vae_lr: float = 2e-3
     vq_beta: float = 0.25
     restart_every: int = 100  # dead-code re-seeding period (first 60 % of the steps)
     # AR transformer + diffusion head
-    ar_steps: int = 1600
-    ar_batch: int = 64
-    ar_lr: float = 1.5e-3
-    cond_drop: float = 0.1
-    diffusion_batch_mul: int = 4
+    ar_steps: int = 1200
+    ar_batch: int = 32
+    ar_lr: float = 2e-3
+    # (conditioning dropout and the diffusion batch multiplier are the model config's
+    # cond_drop_rate and diffusion_batch_mul, as upstream)
     weight_decay: float = 0.05
     warmup: int = 100
     grad_clip: float = 2.0
     overwrite: bool = True
     progress: bool = True
+    tokenizer_from: str | None = None  # reuse a trained tokenizer (a checkpoint folder) and skip phase 1
+    tokenizer_only: bool = False  # stop after phase 1 (the transformer stays untrained)
 
     @classmethod
     def smoke(cls, out: str) -> "TrainConfig":
         """A few steps of the ``tiny`` preset (32x32 px): exercises every line in seconds."""
-        return cls(out=out, preset="tiny", num_images=24, vae_steps=3, vae_batch=4, ar_steps=3, ar_batch=4,
-                   warmup=1, restart_every=2, progress=False)
+        return cls(out=out, preset="tiny", num_images=16, vae_steps=2, vae_batch=4, ar_steps=2, ar_batch=4,
+                   warmup=1, restart_every=1, progress=False)
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+class PhaseStop:
+    """``kill -USR1 <pid>`` ends the running phase after the current step (the run goes on to the
+    next phase and still writes a checkpoint): a way to fit a busy machine's time budget."""
+
+    requested = False
+
+    @classmethod
+    def install(cls) -> None:
+        import signal
+
+        if hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, lambda *_: setattr(cls, "requested", True))
+
+    @classmethod
+    def check(cls, log: dict, phase: str, step: int) -> bool:
+        if cls.requested:
+            cls.requested = False
+            log.setdefault("stopped_early", {})[phase] = step + 1
+            print(f"\n{phase}: stopped early after {step + 1} steps (SIGUSR1)", file=sys.stderr)
+            return True
+        return False
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -254,6 +279,8 @@ def train_tokenizer(model: HART, pool: np.ndarray, cfg: TrainConfig, log: dict) 
                             "psnr_hybrid": rec_c, "psnr_discrete": rec_d})
             pbar.set_postfix(rec=f"{rec_loss.item():.4f}", vq=f"{vq_loss.item():.4f}",
                              psnr_h=f"{rec_c:.1f}", psnr_d=f"{rec_d:.1f}")
+        if PhaseStop.check(log, "tokenizer", step):
+            break
     vae.eval()
     log["tokenizer_history"] = history
 
@@ -302,9 +329,15 @@ class DiffusionTrainingLoss:
         self.max_log = t32(s.log_betas)
 
     def __call__(self, net, x0: Tensor, z: Tensor, gen: torch.Generator) -> Tensor:
-        N, C = x0.shape
-        t = torch.randint(0, self.num_timesteps, (N,), generator=gen)
+        """Mean loss over rows of ``x0 [N, C]`` (targets / vae_scale) with conditions ``z [N, D]``."""
+        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
+        mse, vb = self.terms(net, x0, z, t, noise)
+        return (mse + vb).mean()
+
+    def terms(self, net, x0: Tensor, z: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-row ``(mse, vb)`` at timesteps ``t [N]`` (int) with the given ``noise [N, C]``."""
+        C = x0.shape[1]
         col = lambda a: a[t].unsqueeze(1)  # noqa: E731
         x_t = col(self.sqrt_ac) * x0 + col(self.sqrt_1m_ac) * noise
         out = net(x_t, t.float(), z)
@@ -321,8 +354,7 @@ class DiffusionTrainingLoss:
                     + (true_mean - model_mean).square() * torch.exp(-model_logvar))
         kl = kl.mean(dim=1) / math.log(2.0)
         nll = -_discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar).mean(dim=1) / math.log(2.0)
-        vb = torch.where(t == 0, nll, kl)
-        return (mse + vb).mean()
+        return mse, torch.where(t == 0, nll, kl)
 
 
 def _approx_standard_normal_cdf(x: Tensor) -> Tensor:
@@ -456,7 +488,7 @@ def ar_losses(model: HART, context: Tensor, mask: Tensor, drop: Tensor, targets:
     emb = F.embedding(idx_sampled, codebook)
     z = tr.decoder_norm(h[:, -n_last:] + tr.word_embed(emb))
     target = (f_rest_last - emb) / tr.diffloss.vae_scale
-    mul = cfg.diffusion_batch_mul
+    mul = tr.cfg.diffusion_batch_mul
     diff = diffusion(tr.diffloss.net, target.reshape(B * n_last, -1).repeat(mul, 1),
                      z.reshape(B * n_last, -1).repeat(mul, 1), gen)
     return {"loss": ce + diff, "ce": ce, "diff": diff, "acc": acc}
@@ -479,7 +511,7 @@ def train_transformer(model: HART, cap_ids: Tensor, context: Tensor, mask: Tenso
         set_lr(opt, lr_at(step, cfg.ar_steps, cfg.ar_lr, cfg.warmup))
         rows = torch.randint(len(targets), (cfg.ar_batch,), generator=gen)
         caps = cap_ids[rows]
-        drop = torch.rand(cfg.ar_batch, generator=gen) < cfg.cond_drop
+        drop = torch.rand(cfg.ar_batch, generator=gen) < tr.cfg.cond_drop_rate
         out = ar_losses(model, context[caps], mask[caps], drop, targets[rows], f_rest_last[rows],
                         diffusion, cfg, gen, bias)
         opt.zero_grad(set_to_none=True)
@@ -490,6 +522,8 @@ def train_transformer(model: HART, cap_ids: Tensor, context: Tensor, mask: Tenso
             rec = {k: float(v.detach()) for k, v in out.items()}
             history.append({"step": step, **rec})
             pbar.set_postfix(ce=f"{rec['ce']:.3f}", acc=f"{rec['acc']:.3f}", diff=f"{rec['diff']:.3f}")
+        if PhaseStop.check(log, "transformer", step):
+            break
     tr.eval()
     log["transformer_history"] = history
 
@@ -501,6 +535,7 @@ def train(cfg: TrainConfig) -> Path:
     """Run every phase and write the checkpoint folder ``cfg.out``; returns its path."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    PhaseStop.install()
     spec = get_preset(cfg.preset)
     size = image_size_of(spec)
     out = Path(cfg.out)
@@ -519,7 +554,13 @@ def train(cfg: TrainConfig) -> Path:
 
     model = build_hart(spec.hart, spec.vae)
     init_transformer(model.transformer)
-    train_tokenizer(model, pool, cfg, log)
+    if cfg.tokenizer_from:
+        from hartkit.model.checkpoint import load_hart
+
+        model.vae.load_state_dict(load_hart(cfg.tokenizer_from).vae.state_dict())
+        log["tokenizer_from"] = str(cfg.tokenizer_from)
+    else:
+        train_tokenizer(model, pool, cfg, log)
     t = lap("tokenizer", t)
     targets, f_rest_last, rec_stats = tokenize_pool(model, pool, cfg)
     log["tokenizer_eval"] = rec_stats
@@ -537,8 +578,9 @@ def train(cfg: TrainConfig) -> Path:
         cap_ids = torch.tensor([index[c] for c in captions])
         t = lap("text_features", t)
 
-        train_transformer(model, cap_ids, context, mask, targets, f_rest_last, cfg, log)
-        t = lap("transformer", t)
+        if not cfg.tokenizer_only:
+            train_transformer(model, cap_ids, context, mask, targets, f_rest_last, cfg, log)
+            t = lap("transformer", t)
         model.eval()
         save_hart(model, tmp)
         log["timings_s"]["total"] = round(time.time() - t_start, 1)
@@ -550,10 +592,73 @@ def train(cfg: TrainConfig) -> Path:
         }
         log["torch_version"] = torch.__version__
         (tmp / "training.json").write_text(json.dumps(log, indent=1) + "\n")
+        (tmp / "README.md").write_text(model_card(cfg, spec, log))
     print(f"wrote {out} in {log['timings_s']['total']:.0f} s "
           f"(tokenizer PSNR discrete {rec_stats['psnr_discrete_db']:.2f} dB, "
           f"hybrid {rec_stats['psnr_hybrid_db']:.2f} dB)", file=sys.stderr)
     return out
+
+
+def model_card(cfg: TrainConfig, spec: Preset, log: dict) -> str:
+    """README.md of the checkpoint: what it is, how it was made, and (filled in by
+    examples/eval_demo_model.py --update-readme) what it scores."""
+    n = log["num_parameters"]
+    tok = log["tokenizer_eval"]
+    t = log["timings_s"]
+    hart, vae = spec.hart, spec.vae
+    command = REPRODUCE if cfg.preset == "demo" and cfg.out == "assets/demo" else (
+        f"python examples/train_tiny_hart.py --out {cfg.out}" + (" --smoke" if cfg.preset == "tiny" else ""))
+    defaults = TrainConfig()
+    changed = [f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
+               if k not in ("out", "progress", "overwrite") and getattr(defaults, k) != v and cfg.preset == "demo"]
+    if changed:
+        command += " " + " ".join(changed)
+    stopped = log.get("stopped_early")
+    return "\n".join([
+        f"# hartkit demo model ({cfg.preset} preset)",
+        "",
+        "A tiny HART trained from scratch on CPU on the procedural scenes of `hartkit.validate.scenes`",
+        f"({log['image_size']}x{log['image_size']} px: one or two coloured circles, squares or triangles on a coloured",
+        "background, e.g. \"a red circle above a blue square on a yellow background\"). It is the built-in",
+        "default of `hartkit demo`, and a real (learned, not random) model for the export and quantization",
+        "checks. Official HART layout: `llm/` (AR transformer + residual diffusion head), `tokenizer/`",
+        "(hybrid VQ tokenizer), `text_model/` (a frozen *random* tiny Qwen2; its BPE is trained on the",
+        "captions so each word is one token). Only the vocabulary of the scenes means anything to it.",
+        "",
+        "Reproduce (seed fixed; float results vary slightly with the CPU and thread count):",
+        "",
+        "```bash",
+        command,
+        "python examples/eval_demo_model.py --train-prompts --update-readme   # the numbers below",
+        "```",
+        "",
+        "| part | shape | parameters |",
+        "|---|---|---|",
+        f"| AR transformer | {hart.depth} blocks, width {hart.embed_dim}, {hart.num_heads} heads, llama attention/MLP,"
+        f" {hart.context_token} context tokens, scales {list(hart.patch_nums)} | {n['transformer'] - n['diffusion_head']:,} |",
+        f"| residual diffusion head | MLP width {hart.diff_width}, depth {hart.diff_depth}, {hart.num_sampling_steps} IDDPM steps |"
+        f" {n['diffusion_head']:,} |",
+        f"| tokenizer | ch {vae.ch}, ch_mult {list(vae.ch_mult)}, {vae.vocab_size} codes x {vae.z_channels} dims,"
+        f" {vae.share_quant_resi} phi convs | {n['tokenizer']:,} |",
+        f"| text model | Qwen2, hidden {spec.text.get('hidden_size')}, {spec.text.get('num_layers')} layers (frozen random) |"
+        f" {n['text_model']:,} |",
+        "",
+        f"Training ({cfg.threads} CPU thread(s), torch {log['torch_version']}): {cfg.num_images} training-split images;"
+        f" tokenizer {log.get('stopped_early', {}).get('tokenizer', cfg.vae_steps)} steps x {cfg.vae_batch},"
+        f" transformer {log.get('stopped_early', {}).get('transformer', cfg.ar_steps)} steps x {cfg.ar_batch};"
+        f" wall time {t.get('total', 0) / 60:.1f} min (tokenizer {t.get('tokenizer', 0) / 60:.1f},"
+        f" tokenizing {t.get('tokenize', 0) / 60:.1f}, transformer {t.get('transformer', 0) / 60:.1f})."
+        + (f" Phases ended early by SIGUSR1: {stopped}." if stopped else ""),
+        f"Tokenizer PSNR on training images: {tok['psnr_discrete_db']:.2f} dB discrete-only,"
+        f" {tok['psnr_hybrid_db']:.2f} dB hybrid. Losses and settings: `training.json`.",
+        "",
+        "## Evaluation",
+        "",
+        "<!-- eval:begin -->",
+        "Not measured yet: run `python examples/eval_demo_model.py --update-readme`.",
+        "<!-- eval:end -->",
+        "",
+    ])
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -563,12 +668,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--smoke", action="store_true", help="a few steps of the tiny preset (for tests)")
     for name in ("seed", "threads", "num_images", "vae_steps", "vae_batch", "ar_steps", "ar_batch"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
-    for name in ("vae_lr", "ar_lr", "cond_drop"):
+    for name in ("vae_lr", "ar_lr"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
     p.add_argument("--preset", default=None)
+    p.add_argument("--tokenizer-only", action="store_true", help="stop after training the tokenizer")
+    p.add_argument("--tokenizer-from", default=None, metavar="DIR",
+                   help="reuse DIR/tokenizer (a checkpoint written by this script) instead of training one")
     args = p.parse_args(argv)
     cfg = TrainConfig.smoke(args.out) if args.smoke else replace(defaults, out=args.out)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("out", "smoke") and v is not None}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("out", "smoke") and v not in (None, False)}
     return replace(cfg, **overrides)
 
 

@@ -71,8 +71,13 @@ def artifacts(folder: Path) -> list[dict]:
 
 
 def build_manifest(info: dict, tokenizer, golden_graphs: dict, golden_loop: dict, recipe: dict | None,
-                   model_name: str, folder: Path) -> dict:
-    """The export info plus everything a Swift/Kotlin port needs to reproduce an image."""
+                   model_name: str, folder: Path, checkpoint_path: Path | None = None,
+                   text_model_path: Path | None = None) -> dict:
+    """The export info plus everything a Swift/Kotlin port needs to reproduce an image.
+
+    ``checkpoint_path``/``text_model_path`` (optional) record where the bundle was exported from, so
+    ``hartkit validate BUNDLE`` finds its reference without ``--checkpoint`` on the same machine.
+    """
     loop = info["loop"]
     sched = IDDPMSchedule.create(loop["num_sampling_steps"])
     plan = stage_plan(loop["patch_nums"], loop["context_token"], loop["vocab_size"], DEFAULT_CFG, loop["num_phis"])
@@ -80,7 +85,9 @@ def build_manifest(info: dict, tokenizer, golden_graphs: dict, golden_loop: dict
     manifest.update({
         "schema_version": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {**info["model"], "name": model_name},
+        "model": {**info["model"], "name": model_name,
+                  **({"checkpoint_path": str(checkpoint_path)} if checkpoint_path is not None else {}),
+                  **({"text_model_path": str(text_model_path)} if text_model_path is not None else {})},
         "loop": {
             **loop,
             "default_cfg": DEFAULT_CFG,

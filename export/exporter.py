@@ -102,6 +102,8 @@ def export_checkpoint(
     progress: Callable[[str], None] | None = None,
     record_prompt: str = RECORD_PROMPT,
     seed: int = 0,
+    recipe: "str | Path | dict | None" = None,
+    calibration: "str | Path | Sequence[str] | None" = None,
 ) -> ExportResult:
     from hartkit.model.checkpoint import atomic_dir, load_hart
     from hartkit.model.text_encoder import TextEncoder
@@ -130,30 +132,51 @@ def export_checkpoint(
                     torch_backend.codebook)
     ref_image, ref_trace = pipe.generate(record_prompt, seed=seed)
 
+    # --- quantization hook (issue 4, hartkit.quantize): resolve the recipe for every format now,
+    # so a refused (scheme, format) cell fails before anything is written.
+    quant = None
+    if recipe is not None:
+        from hartkit.quantize.apply import QuantizedExport
+
+        quant = QuantizedExport.prepare(recipe, model, encoder, system_length, specs, formats, recorder.calls,
+                                        say, calibration)
+    # --- end quantization hook
+
     result = ExportResult(out, formats)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         _copy_tokenizer(text_dir, tmp / "tokenizer")
         np.savez(tmp / "constants.npz", codebook=torch_backend.codebook)
         files: dict[str, dict[str, str]] = {}
         for fmt in formats:
-            files[fmt] = _export_format(fmt, specs, modules, tmp, say)
+            if quant is not None:  # quantization hook (issue 4)
+                files[fmt] = quant.export(fmt, specs, modules, tmp, say)
+            else:
+                files[fmt] = _export_format(fmt, specs, modules, tmp, say)
         info = build_export_info(model, system_length, specs, files)
         _write_info(tmp, info)  # the backends below read it
         output_names = {s.name: [o.name for o in s.outputs] for s in specs}
         for fmt in formats:
             say(f"parity: {fmt}")
-            results = _check_format(fmt, tmp, info, recorder.calls, output_names, result)
+            if quant is not None:  # quantization hook (issue 4): bars against the eager-quantized modules
+                results = quant.check(fmt, tmp, info, recorder.calls, output_names, result)
+            else:
+                results = _check_format(fmt, tmp, info, recorder.calls, output_names, result)
             result.parity.extend(results)
             failed = [r for r in results if not r.ok]
             if failed:
                 raise ParityError(f"{fmt} export missed the parity bar; nothing was written to {out}:\n"
                                   + format_table(failed))
         info["parity"] = [r.to_json() for r in result.parity]
+        if quant is not None:  # quantization hook (issue 4): recipe.json + export.json "quantization"
+            quant.write(tmp, info)
+            result.notes.extend(quant.notes)
         info["notes"] = result.notes
         golden_graphs = write_golden(tmp, recorder.calls, output_names)
         golden_loop = write_loop_golden(tmp, record_prompt, seed, DEFAULT_CFG, ref_trace.tokens, ref_image)
-        manifest = build_manifest(info, encoder.tokenizer, golden_graphs, golden_loop, None,
-                                  checkpoint.resolve().name, tmp)
+        manifest = build_manifest(info, encoder.tokenizer, golden_graphs, golden_loop,
+                                  quant.recipe.to_dict() if quant is not None else None,  # issue 4 hook
+                                  checkpoint.resolve().name, tmp, checkpoint_path=checkpoint.resolve(),
+                                  text_model_path=text_dir.resolve())
         _write_info(tmp, manifest)
     return result
 

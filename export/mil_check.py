@@ -149,7 +149,7 @@ def _const_value(op, out: ValueInfo, model_dir: Path) -> Any:
     raise MILError(f"const {out.name}: value kind {kind} not supported")
 
 
-def _binding(b, model_dir: Path) -> str | np.ndarray:
+def _binding(b) -> str | np.ndarray:
     kind = b.WhichOneof("binding")
     if kind == "name":
         return b.name
@@ -226,7 +226,7 @@ def load_package(path: str | Path) -> MILProgram:
             outs = [ValueInfo(o.name, *_value_type(o.type)) for o in op.outputs]
             name_attr = op.attributes.get("name")
             name = name_attr.immediateValue.tensor.strings.values[0] if name_attr is not None else outs[0].name
-            inputs_ = {k: [_binding(b, model_dir) for b in arg.arguments] for k, arg in op.inputs.items()}
+            inputs_ = {k: [_binding(b) for b in arg.arguments] for k, arg in op.inputs.items()}
             mop = MILOp(op.type, name, inputs_, outs)
             if op.type == "const":
                 mop.value = _const_value(op, outs[0], model_dir)
@@ -247,6 +247,8 @@ def check_interface(fn: MILFunction, graph: Mapping[str, Any]) -> list[str]:
     Spec dtypes map as Core ML requires: float32 -> FLOAT32, int64 -> INT32 (no int64 multi-arrays).
     Bounded dims must be unknown in the program and carry the spec's (min, max) as the input's shape range.
     """
+    from coremltools.proto import Model_pb2
+
     problems: list[str] = []
     want_in = [i["name"] for i in graph["inputs"]]
     have_in = [i.name for i in fn.inputs]
@@ -288,8 +290,6 @@ def check_interface(fn: MILFunction, graph: Mapping[str, Any]) -> list[str]:
         if feat is None or var is None:
             problems.append(f"output {out['name']}: missing")
             continue
-        from coremltools.proto import Model_pb2
-
         fdtype = Model_pb2.ArrayFeatureType.ArrayDataType.Name(feat.type.multiArrayType.dataType)
         if fdtype != "FLOAT32" or var.dtype != "FLOAT32":
             problems.append(f"output {out['name']}: dtype {fdtype}/{var.dtype} != FLOAT32")
@@ -540,8 +540,8 @@ OPS: dict[str, Callable[..., Any]] = {
     "minimum": _binary(np.minimum), "floor_div": _binary(np.floor_divide), "mod": _binary(np.mod),
     "equal": _binary(np.equal), "not_equal": _binary(np.not_equal), "less": _binary(np.less),
     "less_equal": _binary(np.less_equal), "greater": _binary(np.greater), "greater_equal": _binary(np.greater_equal),
-    "logical_and": np.logical_and, "logical_or": np.logical_or, "logical_xor": np.logical_xor,
-    "logical_not": np.logical_not,
+    "logical_and": _binary(np.logical_and), "logical_or": _binary(np.logical_or),
+    "logical_xor": _binary(np.logical_xor), "logical_not": _unary(np.logical_not),
     # elementwise unary
     "abs": _unary(np.abs), "sqrt": _unary(np.sqrt), "square": _unary(np.square), "exp": _unary(np.exp),
     "sin": _unary(np.sin), "cos": _unary(np.cos), "tanh": _unary(np.tanh), "floor": _unary(np.floor),

@@ -1,0 +1,278 @@
+"""Eager-torch quantization: the same arithmetic as each format, applied to the torch modules.
+
+The exported quantized graphs are checked against these (tests and the export's parity check), and
+the sensitivity analysis uses them to quantize one layer at a time without exporting anything.
+
+Weights are fake-quantized (quantize -> dequantize, kept in float32) with each format's exact rule:
+
+* onnx ``int8`` / ``int4``: MatMulNBits, blockwise along the input dim, symmetric with the block's
+  signed extreme mapped to ``-2^(b-1)`` (``scale = w[argmax|w|] / -2^(b-1)``, ``q`` in ``[-2^(b-1),
+  2^(b-1)-1]``) — read from onnxruntime's quantizer and checked against it in the tests.
+* onnx ``w8a8`` / ``w8a8_static``: int8 per output channel, ``scale = max|w| / 127`` (w8a8 Conv:
+  per tensor — quantize_dynamic's ConvInteger path ignores per_channel).
+* coreml ``int8`` / ``int4``: linear_symmetric, ``scale = max|w| / (2^(b-1) - 1)`` per channel / block.
+* ``fp16``: weights rounded to float16.
+
+Activations (``w8a8``: onnxruntime's DynamicQuantizeLinear, uint8 per tensor over the whole input;
+``w8a8_static``: fixed calibrated uint8 scale/zero point) are fake-quantized by a torch function
+mode around the graph's forward, because one AR weight is used through ``F.linear`` without calling
+its module (module hooks would miss it).
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from hartkit.quantize.layers import LAYER_FUNCS, layer_modules
+from hartkit.quantize.schemes import Scheme
+
+# ----------------------------------------------------------------------------- weight rules
+
+
+def int8_block(k: int) -> int:
+    """MatMulNBits block for onnx ``int8``: one block per output channel when K is a power of two;
+    else the largest power-of-two divisor of K (e.g. 1536 -> 3 blocks of 512), so no padding is
+    stored. MatMulNBits needs a power of two >= 16: K with a smaller divisor pads to the next one."""
+    block = k & -k  # largest power of two dividing k
+    if block < 16:
+        block = max(16, 1 << (k - 1).bit_length())
+    return block
+
+
+def ort_block_size(layer_k: int, scheme: Scheme) -> int:
+    return int8_block(layer_k) if scheme.name == "int8" else int(scheme.group_size)
+
+
+def nbits_ort(w: Tensor, bits: int, block: int) -> Tensor:
+    """onnxruntime MatMulNBits symmetric rule on a Linear weight ``[out, in]`` (blocks along ``in``)."""
+    out_f, k = w.shape
+    pad = (-k) % block
+    wf = w.detach().double()
+    if pad:
+        wf = F.pad(wf, (0, pad))
+    g = wf.reshape(out_f, -1, block)
+    idx = g.abs().argmax(dim=-1, keepdim=True)
+    extreme = torch.gather(g, -1, idx)
+    qmax = 2 ** (bits - 1)
+    scale = (extreme / -qmax).float().double()  # stored as float32
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.clamp(torch.round(g / safe), -qmax, qmax - 1)
+    deq = torch.where(scale == 0, torch.zeros_like(g), q * scale)
+    return deq.reshape(out_f, -1)[:, :k].float()
+
+
+def symmetric_per_channel(w: Tensor, qmax: int) -> Tensor:
+    """``scale = max|w| / qmax`` per output channel (dim 0), ``q`` in ``[-qmax, qmax]``."""
+    flat = w.detach().double().reshape(w.shape[0], -1)
+    scale = (flat.abs().amax(dim=1, keepdim=True) / qmax).float().double()
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.clamp(torch.round(flat / safe), -qmax, qmax)
+    return (q * scale).reshape(w.shape).float()
+
+
+def symmetric_per_tensor(w: Tensor, qmax: int) -> Tensor:
+    return symmetric_per_channel(w.reshape(1, -1), qmax).reshape(w.shape)
+
+
+def symmetric_per_block(w: Tensor, qmax: int, block: int) -> Tensor:
+    """Per output channel and per ``block`` input channels (dim 1), ``scale = max|w| / qmax``."""
+    out_c, in_c = w.shape[:2]
+    rest = w.shape[2:]
+    wf = w.detach().double().reshape(out_c, in_c // block, block, *rest)
+    dims = tuple(range(2, wf.dim()))
+    scale = (wf.abs().amax(dim=dims, keepdim=True) / qmax).half().double()  # Core ML stores fp16 scales
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.clamp(torch.round(wf / safe), -qmax - 1, qmax)
+    return (q * scale).reshape(w.shape).float()
+
+
+def fake_weight(w: Tensor, kind: str, scheme: Scheme, fmt: str) -> Tensor:
+    """The dequantized weight the format computes with (float32, same shape)."""
+    name = scheme.name
+    if name == "fp32":
+        return w.detach().clone()
+    if name == "fp16":
+        return w.detach().half().float()
+    if fmt == "onnx":
+        if name in ("int8", "int4"):
+            return nbits_ort(w, scheme.bits, ort_block_size(w.shape[1], scheme))
+        if name == "w8a8" and kind == "conv":
+            # quantize_dynamic quantizes Conv weights per tensor (ConvInteger), even with per_channel
+            return symmetric_per_tensor(w, 127)
+        if name in ("w8a8", "w8a8_static"):
+            return symmetric_per_channel(w, 127)
+    if fmt == "coreml":
+        if name == "int8":
+            return symmetric_per_channel_fp16(w, 127)
+        if name == "int4":
+            return symmetric_per_block(w, 7, int(scheme.group_size))
+        if name.startswith("palettize"):
+            return kmeans_palettize(w, scheme.bits)
+    raise ValueError(f"no eager weight rule for {scheme.label} on {fmt}")
+
+
+def symmetric_per_channel_fp16(w: Tensor, qmax: int) -> Tensor:
+    """Core ML int8 per channel: like :func:`symmetric_per_channel` with the scale stored in fp16."""
+    flat = w.detach().double().reshape(w.shape[0], -1)
+    scale = (flat.abs().amax(dim=1, keepdim=True) / qmax).half().double()
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.clamp(torch.round(flat / safe), -qmax - 1, qmax)
+    return (q * scale).reshape(w.shape).float()
+
+
+def kmeans_palettize(w: Tensor, bits: int, iters: int = 30) -> Tensor:
+    """A per-tensor k-means lookup table (what Core ML's palettizer computes, up to its k-means
+    initialisation): used for sensitivity estimates; the Core ML check reads the real table."""
+    x = w.detach().double().reshape(-1)
+    k = min(2**bits, x.numel())
+    # init on quantiles: deterministic, and close to a converged Lloyd solution for smooth weights
+    centers = torch.quantile(x, torch.linspace(0, 1, k, dtype=torch.float64))
+    for _ in range(iters):
+        assign = (x[:, None] - centers[None]).abs().argmin(dim=1)
+        sums = torch.zeros(k, dtype=torch.float64).index_add(0, assign, x)
+        counts = torch.zeros(k, dtype=torch.float64).index_add(0, assign, torch.ones_like(x))
+        centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers)
+    assign = (x[:, None] - centers[None]).abs().argmin(dim=1)
+    return centers.half().double()[assign].reshape(w.shape).float()
+
+
+# ----------------------------------------------------------------------------- activation rules
+
+
+def dynamic_uint8(x: Tensor) -> Tensor:
+    """onnxruntime DynamicQuantizeLinear then dequantize: uint8, one scale over the whole tensor,
+    range widened to include 0, ties to even."""
+    xf = x.float()
+    lo = torch.clamp(xf.min(), max=0.0)
+    hi = torch.clamp(xf.max(), min=0.0)
+    scale = (hi - lo) / 255.0
+    if float(scale) == 0.0:
+        return xf
+    zp = torch.clamp(torch.round(-lo / scale), 0, 255)
+    q = torch.clamp(torch.round(xf / scale) + zp, 0, 255)
+    return (q - zp) * scale
+
+
+def static_uint8(x: Tensor, scale: float, zero_point: int) -> Tensor:
+    """QuantizeLinear -> DequantizeLinear with a calibrated uint8 scale and zero point."""
+    xf = x.float()
+    q = torch.clamp(torch.round(xf / scale) + zero_point, 0, 255)
+    return (q - zero_point) * scale
+
+
+def uint8_qparams(lo: float, hi: float) -> tuple[float, int]:
+    """onnxruntime's asymmetric uint8 parameters for a calibrated range (widened to include 0)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = np.float32((hi - lo) / 255.0)
+    if scale == 0:
+        return 1.0, 0
+    zp = int(np.clip(np.round(-lo / scale), 0, 255))
+    return float(scale), zp
+
+
+class ActivationQuant(TorchFunctionMode):
+    """Fake-quantizes the input of F.linear / F.conv2d for the weights it is told about.
+
+    ``rules`` maps ``id(weight)`` -> ``fn(x) -> x_q``. Static rules may differ per graph (each ONNX
+    graph is calibrated on its own inputs), so a rule can be a mapping graph -> fn; ``graph`` picks.
+    """
+
+    def __init__(self, rules: Mapping[int, Callable | Mapping[str, Callable]], graph: str = "") -> None:
+        super().__init__()
+        self.rules = rules
+        self.graph = graph
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in LAYER_FUNCS and LAYER_FUNCS[func] != "embedding":
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            rule = self.rules.get(id(weight))
+            if isinstance(rule, Mapping):
+                rule = rule.get(self.graph)
+            if rule is not None:
+                args = (rule(args[0]), *args[1:])
+        return func(*args, **kwargs)
+
+
+class EmulatedGraph(nn.Module):
+    """A graph wrapper run under its activation-quantization mode."""
+
+    def __init__(self, inner: nn.Module, rules: Mapping, graph: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.rules = rules
+        self.graph = graph
+
+    def forward(self, *args):
+        with ActivationQuant(self.rules, self.graph):
+            return self.inner(*args)
+
+
+# ----------------------------------------------------------------------------- whole models
+
+
+def copy_models(model, encoder):
+    """Deep copies that share nothing mutable with the originals (the tokenizer is shared)."""
+    memo = {}
+    if encoder is not None and getattr(encoder, "tokenizer", None) is not None:
+        memo[id(encoder.tokenizer)] = encoder.tokenizer
+    return copy.deepcopy(model, memo), (copy.deepcopy(encoder, memo) if encoder is not None else None)
+
+
+def apply_weights(model, encoder, schemes: Mapping[str, Scheme], fmt: str,
+                  kinds: Mapping[str, str] | None = None) -> None:
+    """In place: every named layer's weight replaced by its fake-quantized value."""
+    mods = layer_modules(model, encoder)
+    with torch.no_grad():
+        for name, scheme in schemes.items():
+            if scheme.name == "fp32":
+                continue
+            mod = mods[name]
+            kind = (kinds or {}).get(name) or ("conv" if isinstance(mod, nn.Conv2d) else
+                                               "embedding" if isinstance(mod, nn.Embedding) else "linear")
+            mod.weight.copy_(fake_weight(mod.weight, kind, scheme, fmt))
+
+
+def activation_rules(model, encoder, schemes: Mapping[str, Scheme], fmt: str,
+                     ranges: Mapping[str, Mapping[str, tuple[float, float]]] | None = None) -> dict:
+    """id(weight) -> rule for the layers whose scheme quantizes activations (onnx w8a8 / w8a8_static).
+
+    ``ranges``: layer -> graph -> (min, max) of its input over the calibration set (static only).
+    """
+    mods = layer_modules(model, encoder)
+    rules: dict[int, Callable | dict[str, Callable]] = {}
+    for name, scheme in schemes.items():
+        act = scheme.info.activations
+        if fmt != "onnx" or act == "float":
+            continue
+        w = mods[name].weight
+        if act == "dynamic":
+            rules[id(w)] = dynamic_uint8
+        elif act == "static":
+            per_graph = {}
+            for graph, (lo, hi) in (ranges or {}).get(name, {}).items():
+                s, zp = uint8_qparams(lo, hi)
+                per_graph[graph] = (lambda x, s=s, zp=zp: static_uint8(x, s, zp))
+            rules[id(w)] = per_graph
+    return rules
+
+
+@contextmanager
+def swapped_weight(module: nn.Module, value: Tensor) -> Iterator[None]:
+    """Temporarily replace a layer's weight (sensitivity analysis: one layer at a time)."""
+    old = module.weight.detach().clone()
+    with torch.no_grad():
+        module.weight.copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            module.weight.copy_(old)

@@ -1,0 +1,343 @@
+"""Quantize exported ONNX graphs with onnxruntime.quantization, layer by layer as a plan says.
+
+Per graph file: (1) rewrite ``Gemm`` with a constant weight into ``MatMul`` (+ ``Add``) — a 2-D
+``nn.Linear`` call (the diffusion head, the AdaLN projections) exports as Gemm, which
+MatMulNBitsQuantizer skips, so without this the whole diffusion head would silently stay fp32;
+(2) find each node's layer by its weight's *values* (the exporter renames and transposes weights:
+``F.linear(x, W)`` becomes ``MatMul(x, W^T)`` with a folded ``W^T`` constant; the AR attention's qkv
+weight is used without calling its module, so module name scopes miss it); (3) run the passes:
+
+==============  ===============================================================================
+w8a8_static     ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, MinMax
+                calibration on recorded real inputs, MatMul/Conv outputs not quantized)
+w8a8            ``quantize_dynamic`` (per-channel int8 weights, DynamicQuantizeLinear inputs)
+int4            ``MatMulNBitsQuantizer(bits=4, symmetric, block_size=group)``, one pass per group
+int8            ``MatMulNBitsQuantizer(bits=8, symmetric, block = see fakequant.int8_block)``
+fp16            weight initializer stored as float16 + a ``Cast`` to float32 (compute stays fp32)
+==============  ===============================================================================
+
+Static first (its calibration runs on the still-float model), the rest touch disjoint nodes.
+Constants that are not layer weights (resampling matrices, RoPE-free tables) stay as exported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from hartkit.errors import HartkitError
+from hartkit.quantize.fakequant import ort_block_size
+from hartkit.quantize.schemes import Scheme
+
+WEIGHT_OPS = ("MatMul", "Conv", "Gather")
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+@dataclass
+class OnnxQuantReport:
+    graph: str
+    nodes: dict[str, tuple[str, str]] = field(default_factory=dict)  # node -> (layer, scheme label)
+    gemm_rewritten: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    ops: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"graph": self.graph, "gemm_rewritten": self.gemm_rewritten, "bytes_before": self.bytes_before,
+                "bytes_after": self.bytes_after, "ops": self.ops,
+                "nodes": {n: {"layer": l, "scheme": s} for n, (l, s) in self.nodes.items()}}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime.quantization logs every node at INFO and warns about pre-processing."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+# ----------------------------------------------------------------------------- graph surgery
+
+
+def _initializers(model) -> dict:
+    return {init.name: init for init in model.graph.initializer}
+
+
+def gemm_to_matmul(model) -> int:
+    """Gemm(A, B const, C) -> MatMul(A, B or B^T) [+ Add C], in place. Returns how many."""
+    from onnx import helper, numpy_helper
+
+    inits = _initializers(model)
+    nodes = list(model.graph.node)
+    out_nodes = []
+    count = 0
+    for node in nodes:
+        if node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in inits:
+            out_nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            out_nodes.append(node)
+            continue
+        b = numpy_helper.to_array(inits[node.input[1]])
+        name = node.name or f"gemm_{count}"
+        if attrs.get("transB", 0):
+            b = np.ascontiguousarray(b.T)
+            b_name = f"{node.input[1]}__T"
+            if b_name not in inits:
+                t = numpy_helper.from_array(b, b_name)
+                model.graph.initializer.append(t)
+                inits[b_name] = t
+        else:
+            b_name = node.input[1]
+        has_c = len(node.input) > 2 and node.input[2]
+        mm_out = f"{node.output[0]}__mm" if has_c else node.output[0]
+        out_nodes.append(helper.make_node("MatMul", [node.input[0], b_name], [mm_out], name=f"{name}__MatMul"))
+        if has_c:
+            out_nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=f"{name}__Add"))
+        count += 1
+    del model.graph.node[:]
+    model.graph.node.extend(out_nodes)
+    _drop_unused_initializers(model)
+    return count
+
+
+def _drop_unused_initializers(model) -> None:
+    used = {i for n in model.graph.node for i in n.input}
+    used |= {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def _key(a: np.ndarray) -> str:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return hashlib.sha1(a.tobytes()).hexdigest() + str(a.shape)
+
+
+def weight_index(weights: Mapping[str, tuple[str, np.ndarray]]) -> dict[tuple[str, str], list[str]]:
+    """(op type, value key) -> layer names, for matching ONNX weights back to layers.
+
+    ``weights``: layer -> (kind, torch-layout weight). Linear W [out, in] appears as W^T in MatMul;
+    Conv weights as they are; Embedding tables as Gather data.
+    """
+    index: dict[tuple[str, str], list[str]] = {}
+    for name, (kind, w) in weights.items():
+        if kind == "linear":
+            index.setdefault(("MatMul", _key(w.T)), []).append(name)
+        elif kind == "conv":
+            index.setdefault(("Conv", _key(w)), []).append(name)
+        elif kind == "embedding":
+            index.setdefault(("Gather", _key(w)), []).append(name)
+    return index
+
+
+def map_nodes(model, weights: Mapping[str, tuple[str, np.ndarray]],
+              scheme_of: Callable[[str], Scheme]) -> dict[str, tuple[str, int]]:
+    """node name -> (layer, weight input position) for every node whose constant weight is a layer's."""
+    from onnx import numpy_helper
+
+    index = weight_index(weights)
+    inits = _initializers(model)
+    out: dict[str, tuple[str, int]] = {}
+    for i, node in enumerate(model.graph.node):
+        if node.op_type not in WEIGHT_OPS:
+            continue
+        pos = 0 if node.op_type == "Gather" else 1
+        if len(node.input) <= pos or node.input[pos] not in inits:
+            continue
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+        arr = numpy_helper.to_array(inits[node.input[pos]])
+        if arr.dtype != np.float32:
+            continue
+        names = index.get((node.op_type, _key(arr)))
+        if not names:
+            continue
+        schemes = {scheme_of(n) for n in names}
+        if len(schemes) > 1:
+            raise HartkitError(f"ONNX node {node.name}: its weight equals that of layers {names}, which the plan "
+                               "quantizes differently; give them the same scheme")
+        out[node.name] = (names[0], pos)
+    return out
+
+
+def _fp16_weights(model, nodes: Iterable[tuple[str, int]]) -> None:
+    """Store these nodes' weights as float16 initializers read through a Cast (compute stays fp32)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = _initializers(model)
+    by_name = {n.name: n for n in model.graph.node}
+    new_nodes = []
+    done: dict[str, str] = {}
+    for node_name, pos in nodes:
+        node = by_name[node_name]
+        src = node.input[pos]
+        if src not in done:
+            arr = numpy_helper.to_array(inits[src]).astype(np.float16)
+            half = numpy_helper.from_array(arr, f"{src}__fp16")
+            model.graph.initializer.append(half)
+            cast_out = f"{src}__fp16_as_fp32"
+            new_nodes.append(helper.make_node("Cast", [half.name], [cast_out], name=f"{src}__Cast",
+                                              to=TensorProto.FLOAT))
+            done[src] = cast_out
+        node.input[pos] = done[src]
+    # Casts go first: their inputs are initializers, so topological order holds.
+    nodes_all = new_nodes + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes_all)
+    _drop_unused_initializers(model)
+
+
+class _Reader:
+    """A CalibrationDataReader over recorded feeds (only the inputs the graph declares)."""
+
+    def __init__(self, feeds: Iterable[Mapping[str, np.ndarray]], names: list[str]) -> None:
+        self._it: Iterator = iter(feeds)
+        self._names = names
+
+    def get_next(self):
+        item = next(self._it, None)
+        if item is None:
+            return None
+        return {n: np.ascontiguousarray(item[n]) for n in self._names}
+
+    def rewind(self):  # pragma: no cover - required by some ORT versions' interface
+        pass
+
+
+def _reader(feeds, names):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(_Reader, CalibrationDataReader):
+        pass
+
+    return Reader(feeds, names)
+
+
+def _save(model, path: Path) -> None:
+    import onnx
+
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    tmp = path.with_name(path.name + ".tmp")
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()  # onnx appends to an existing data file
+    if size > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name)
+    else:
+        onnx.save_model(model, str(tmp))
+    os.replace(tmp, path)
+
+
+def _load(path: Path):
+    import onnx
+
+    return onnx.load(str(path))
+
+
+def file_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def quantize_onnx_graph(path: Path, graph: str, weights: Mapping[str, tuple[str, np.ndarray]],
+                        scheme_of: Callable[[str], Scheme],
+                        calibration: Callable[[], Iterable[Mapping[str, np.ndarray]]] | None = None) -> OnnxQuantReport:
+    """Quantize one exported graph file in place.
+
+    ``weights``: the fp32 weights of the layers this graph uses (layer -> (kind, array));
+    ``scheme_of``: the layer's scheme; ``calibration``: returns fresh feeds for w8a8_static.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    report = OnnxQuantReport(graph, bytes_before=file_bytes(path))
+    model = _load(path)
+    report.gemm_rewritten = gemm_to_matmul(model)
+    nodes = map_nodes(model, weights, scheme_of)
+    groups: dict[str, list[str]] = {}
+    for node, (layer, _pos) in nodes.items():
+        s = scheme_of(layer)
+        report.nodes[node] = (layer, s.label)
+        groups.setdefault(s.name, []).append(node)
+    input_names = [i.name for i in model.graph.input]
+
+    with tempfile.TemporaryDirectory() as td, _quiet():
+        work = Path(td)
+        if groups.get("w8a8_static"):
+            if calibration is None:
+                raise HartkitError(f"graph {graph}: w8a8_static needs calibration inputs")
+            src, dst = work / "in.onnx", work / "static.onnx"
+            onnx.save_model(model, str(src))
+            quantize_static(
+                str(src), str(dst), _reader(calibration(), input_names), quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["MatMul", "Conv"], per_channel=True, activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8, nodes_to_quantize=groups["w8a8_static"],
+                extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul", "Conv"], "QuantizeBias": False,
+                               "ActivationSymmetric": False, "WeightSymmetric": True},
+            )
+            model = _load(dst)
+        if groups.get("w8a8"):
+            src, dst = work / "in.onnx", work / "dynamic.onnx"
+            onnx.save_model(model, str(src))
+            quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Conv"], per_channel=True,
+                             weight_type=QuantType.QInt8, nodes_to_quantize=groups["w8a8"])
+            model = _load(dst)
+        nbits: dict[tuple[int, int], list[str]] = {}
+        for name in ("int4", "int8"):
+            for node in groups.get(name, []):
+                layer = nodes[node][0]
+                s = scheme_of(layer)
+                k = weights[layer][1].shape[1]
+                nbits.setdefault((s.bits, ort_block_size(k, s)), []).append(node)
+        for (bits, block), members in sorted(nbits.items()):
+            cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits,
+                                               op_types_to_quantize=("MatMul",))
+            # nodes_to_include is OR-ed with op_types_to_quantize in onnxruntime 1.32 (it does not
+            # restrict anything): exclude every other MatMul instead.
+            others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in members]
+            q = MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=cfg)
+            q.process()
+            model = q.model.model
+        fp16 = [(n, nodes[n][1]) for n in groups.get("fp16", [])]
+        if fp16:
+            _fp16_weights(model, fp16)
+    _check_all_applied(model, groups, graph)
+    _save(model, path)
+    report.bytes_after = file_bytes(path)
+    for n in model.graph.node:
+        report.ops[n.op_type] = report.ops.get(n.op_type, 0) + 1
+    return report
+
+
+def _check_all_applied(model, groups: Mapping[str, list[str]], graph: str) -> None:
+    """Every node a quantized scheme was asked for must be gone from the float graph (no silent float)."""
+    from onnx import numpy_helper
+
+    inits = _initializers(model)
+    left = {}
+    for n in model.graph.node:
+        if n.op_type in ("MatMul", "Conv") and len(n.input) > 1 and n.input[1] in inits:
+            if numpy_helper.to_array(inits[n.input[1]]).dtype == np.float32:
+                left[n.name] = n
+    missed = [node for s, names in groups.items() if s not in ("fp32", "fp16") for node in names if node in left]
+    if missed:
+        raise HartkitError(f"graph {graph}: onnxruntime left nodes {missed} in float; refusing to write a "
+                           "partly quantized file")

@@ -1,0 +1,357 @@
+"""Quantization recipes as data: which scheme each component (and optionally each layer) gets.
+
+A recipe is a small JSON or YAML file::
+
+    name: my-phone
+    description: int4 transformer, int8 head
+    components:                 # every component not listed gets `default` (fp32 unless given)
+      text_encoder: int4        # "int4" = int4 with group 32; "int4-g64" or {scheme: int4, group_size: 64}
+      ar_transformer: int4
+      diffusion_head: int8
+      vae: fp16
+    layers:                     # optional; glob patterns on "component/path"; later entries win
+      "ar_transformer/head": int8
+      "ar_transformer/blocks.*.attn.*": {scheme: int4, group_size: 64}
+    formats:                    # optional per-format overrides, same keys as above
+      executorch:
+        components: {text_encoder: 8da4w, ar_transformer: 8da4w, diffusion_head: 8da8w}
+
+:func:`resolve` turns a recipe into a :class:`Plan` for one format and one model: the scheme of every
+layer, with every fallback spelled out (a group size that does not divide a layer, a layer kind the
+format cannot quantize with the scheme). A scheme the format cannot do for a component's main layers,
+a pattern that matches nothing, a typo: a :class:`~hartkit.errors.UsageError` with the valid choices.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from hartkit.errors import UsageError
+from hartkit.quantize.layers import Layer, LayerTable
+from hartkit.quantize.schemes import (
+    COMPONENTS, FORMATS, GROUP_SIZES, MAIN_KIND, SUPPORT, Scheme, cell, float_fallback, refusal, unknown,
+)
+
+RECIPE_KEYS = ("name", "description", "default", "components", "layers", "formats")
+OVERRIDE_KEYS = ("default", "components", "layers")
+RECIPE_FILE = "recipe.json"
+
+PRESETS: dict[str, dict] = {
+    "fp32": {
+        "name": "fp32", "description": "no quantization (the reference)", "default": "fp32",
+    },
+    "fp16": {
+        "name": "fp16", "description": "float16 weights everywhere", "default": "fp16",
+    },
+    "laptop": {
+        "name": "laptop",
+        "description": "int8 AR transformer, fp16 elsewhere",
+        "default": "fp16",
+        "components": {"ar_transformer": "int8"},
+        # XNNPACK gives wrong results with weight-only int8 (see schemes.REFUSED): 8da8w there.
+        "formats": {"executorch": {"components": {"ar_transformer": "8da8w"}}},
+    },
+    "phone": {
+        "name": "phone",
+        "description": "int4 AR transformer and text encoder, int8 diffusion head, fp16 VAE",
+        "components": {"text_encoder": "int4", "ar_transformer": "int4", "diffusion_head": "int8", "vae": "fp16"},
+        "formats": {"executorch": {"components": {"text_encoder": "8da4w", "ar_transformer": "8da4w",
+                                                  "diffusion_head": "8da8w"}}},
+    },
+}
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str = ""
+    default: Scheme = field(default_factory=lambda: Scheme("fp32"))
+    components: dict[str, Scheme] = field(default_factory=dict)
+    layers: list[tuple[str, Scheme]] = field(default_factory=list)  # (glob pattern, scheme), in order
+    formats: dict[str, dict] = field(default_factory=dict)  # fmt -> {"default", "components", "layers"}
+    source: str = ""  # preset name or file path (for messages)
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "recipe") -> "Recipe":
+        if not isinstance(data, Mapping):
+            raise UsageError(f"{source}: a recipe is a mapping with keys {', '.join(RECIPE_KEYS)}, "
+                             f"got {type(data).__name__}")
+        _check_keys(data, RECIPE_KEYS, f"{source}: recipe key")
+        name = data.get("name", Path(source).stem if source else "custom")
+        if not isinstance(name, str) or not name:
+            raise UsageError(f"{source}: 'name' must be a non-empty string")
+        description = data.get("description", "")
+        if not isinstance(description, str):
+            raise UsageError(f"{source}: 'description' must be a string")
+        default, components, layers = _parse_section(data, source)
+        formats: dict[str, dict] = {}
+        raw_formats = data.get("formats") or {}
+        if not isinstance(raw_formats, Mapping):
+            raise UsageError(f"{source}: 'formats' must map a format ({', '.join(FORMATS)}) to overrides")
+        for fmt, section in raw_formats.items():
+            if fmt not in FORMATS:
+                raise UsageError(f"{source}: " + unknown("format", fmt, FORMATS))
+            if not isinstance(section, Mapping):
+                raise UsageError(f"{source}: formats.{fmt} must be a mapping with keys {', '.join(OVERRIDE_KEYS)}")
+            _check_keys(section, OVERRIDE_KEYS, f"{source}: formats.{fmt} key")
+            d, c, l = _parse_section(section, f"{source}: formats.{fmt}")
+            formats[fmt] = {"default": d if "default" in section else None, "components": c, "layers": l}
+        return cls(name, description, default or Scheme("fp32"), components, layers, formats, source)
+
+    @classmethod
+    def load(cls, spec: "str | Path | Mapping | Recipe") -> "Recipe":
+        """A preset name, a JSON/YAML file, a dict, or a Recipe."""
+        if isinstance(spec, Recipe):
+            return spec
+        if isinstance(spec, Mapping):
+            return cls.from_dict(spec)
+        text = str(spec)
+        if text in PRESETS:
+            return cls.from_dict(copy.deepcopy(PRESETS[text]), source=f"preset '{text}'")
+        path = Path(text)
+        if not path.is_file():
+            if path.suffix.lower() in (".json", ".yaml", ".yml") or "/" in text:
+                raise UsageError(f"recipe file {path} not found")
+            raise UsageError(unknown("recipe", text, list(PRESETS)) + " (or a .json/.yaml recipe file)")
+        return cls.from_dict(_read_file(path), source=str(path))
+
+    def to_dict(self) -> dict:
+        def sec(default, components, layers) -> dict:
+            out: dict[str, Any] = {}
+            if default is not None:
+                out["default"] = default.label
+            if components:
+                out["components"] = {c: s.label for c, s in components.items()}
+            if layers:
+                out["layers"] = [{"pattern": p, "scheme": s.label} for p, s in layers]
+            return out
+
+        out = {"name": self.name, "description": self.description}
+        out.update(sec(self.default, self.components, self.layers))
+        if self.formats:
+            out["formats"] = {f: sec(o["default"], o["components"], o["layers"]) for f, o in self.formats.items()}
+        return out
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    # ------------------------------------------------------------------ per format
+    def for_format(self, fmt: str) -> tuple[Scheme, dict[str, Scheme], list[tuple[str, Scheme]]]:
+        """(default, components, layers) with the format's overrides applied."""
+        default, components, layers = self.default, dict(self.components), list(self.layers)
+        over = self.formats.get(fmt)
+        if over:
+            if over["default"] is not None:
+                default = over["default"]
+            components.update(over["components"])
+            layers = layers + list(over["layers"])
+        return default, components, layers
+
+    def uses_calibration(self, formats) -> bool:
+        return any(s.info.activations == "static" for f in formats for s in self._all_schemes(f))
+
+    def _all_schemes(self, fmt: str) -> list[Scheme]:
+        d, c, l = self.for_format(fmt)
+        return [d, *c.values(), *(s for _, s in l)]
+
+
+def _check_keys(data: Mapping, allowed, what: str) -> None:
+    for key in data:
+        if key not in allowed:
+            raise UsageError(unknown(what, key, allowed))
+
+
+def _parse_section(data: Mapping, where: str) -> tuple[Scheme | None, dict[str, Scheme], list[tuple[str, Scheme]]]:
+    default = Scheme.parse(data["default"], f"{where}: default") if data.get("default") is not None else None
+    components: dict[str, Scheme] = {}
+    raw = data.get("components") or {}
+    if not isinstance(raw, Mapping):
+        raise UsageError(f"{where}: 'components' must map a component to a scheme")
+    for comp, scheme in raw.items():
+        if comp not in COMPONENTS:
+            raise UsageError(f"{where}: " + unknown("component", comp, COMPONENTS))
+        components[comp] = Scheme.parse(scheme, f"{where}: components.{comp}")
+    layers: list[tuple[str, Scheme]] = []
+    raw_layers = data.get("layers") or []
+    if isinstance(raw_layers, Mapping):
+        raw_layers = [{"pattern": k, "scheme": v} for k, v in raw_layers.items()]
+    if not isinstance(raw_layers, list):
+        raise UsageError(f"{where}: 'layers' must be a mapping pattern -> scheme or a list of "
+                         "{pattern, scheme[, group_size]} entries")
+    for i, entry in enumerate(raw_layers):
+        if not isinstance(entry, Mapping) or "pattern" not in entry:
+            raise UsageError(f"{where}: layers[{i}] must have a 'pattern' (e.g. 'ar_transformer/head')")
+        _check_keys(entry, ("pattern", "scheme", "group_size"), f"{where}: layers[{i}] key")
+        pattern = entry["pattern"]
+        if not isinstance(pattern, str) or "/" not in pattern:
+            raise UsageError(f"{where}: layers[{i}]: pattern {pattern!r} must look like 'component/path-glob' "
+                             f"with component one of {', '.join(COMPONENTS)} (or '*')")
+        comp = pattern.split("/", 1)[0]
+        if not any(fnmatch.fnmatchcase(c, comp) for c in COMPONENTS):
+            raise UsageError(f"{where}: layers[{i}]: " + unknown("component", comp, COMPONENTS))
+        if "scheme" not in entry:
+            raise UsageError(f"{where}: layers[{i}] ({pattern}) needs a 'scheme'")
+        scheme = entry["scheme"]
+        if "group_size" in entry:
+            if not isinstance(scheme, str):
+                raise UsageError(f"{where}: layers[{i}]: give group_size once")
+            scheme = {"scheme": scheme, "group_size": entry["group_size"]}
+        layers.append((pattern, Scheme.parse(scheme, f"{where}: layers[{i}] ({pattern})")))
+    return default, components, layers
+
+
+def _read_file(path: Path) -> Any:
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}: not valid JSON ({exc})") from None
+    try:
+        import yaml
+    except ImportError as exc:  # pragma: no cover - PyYAML is a dependency of the quantize extra
+        raise UsageError(f"{path}: reading YAML recipes needs PyYAML (or write the recipe as .json)") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: not valid YAML ({exc})") from None
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+@dataclass(frozen=True)
+class Assignment:
+    layer: Layer
+    requested: Scheme
+    scheme: Scheme  # what the layer gets
+    source: str  # "default" | "component" | the matching pattern
+    reason: str = ""  # why scheme != requested
+
+    @property
+    def fell_back(self) -> bool:
+        return self.scheme != self.requested
+
+
+@dataclass
+class Plan:
+    """A recipe resolved for one format and one model: every layer's scheme."""
+
+    recipe: Recipe
+    fmt: str
+    assignments: dict[str, Assignment]
+    other: dict[str, int]  # component -> params outside layer weights
+
+    def scheme_of(self, layer: str) -> Scheme:
+        return self.assignments[layer].scheme
+
+    def fallbacks(self) -> list[Assignment]:
+        return [a for a in self.assignments.values() if a.fell_back]
+
+    def fallback_summary(self) -> list[str]:
+        """One line per (requested -> got, reason), listing the layers."""
+        groups: dict[tuple[str, str, str], list[str]] = {}
+        for a in self.fallbacks():
+            groups.setdefault((a.requested.label, a.scheme.label, a.reason), []).append(a.layer.name)
+        lines = []
+        for (req, got, why), names in groups.items():
+            shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+            lines.append(f"{fmt_count(len(names))} fall back from {req} to {got} ({why}): {shown}")
+        return lines
+
+    def schemes_used(self) -> set[str]:
+        return {a.scheme.name for a in self.assignments.values()}
+
+    def graph_schemes(self, graph: str) -> set[Scheme]:
+        return {a.scheme for a in self.assignments.values() if graph in a.layer.graphs}
+
+    def to_json(self) -> dict:
+        return {
+            "format": self.fmt,
+            "layers": {n: {"scheme": a.scheme.label, "requested": a.requested.label, "source": a.source,
+                           **({"fallback": a.reason} if a.fell_back else {})}
+                       for n, a in self.assignments.items()},
+            "fallbacks": self.fallback_summary(),
+        }
+
+
+def fmt_count(n: int) -> str:
+    return f"{n} layer{'s' if n != 1 else ''}"
+
+
+def resolve(recipe: Recipe, layers: LayerTable, fmt: str) -> Plan:
+    """Every layer's scheme on ``fmt``, or a UsageError naming what cannot be done and the choices."""
+    if fmt not in FORMATS:
+        raise UsageError(unknown("format", fmt, FORMATS))
+    default, components, patterns = recipe.for_format(fmt)
+    # 1. Components: the scheme must cover the component's main layer kind on this format.
+    for comp in sorted({l.component for l in layers}):
+        scheme = components.get(comp, default)
+        what = f"component {comp} ({MAIN_KIND[comp]} layers)"
+        c = cell(scheme.name, fmt)
+        if c is None or MAIN_KIND[comp] not in c.kinds:
+            src = "components" if comp in components else "default"
+            raise UsageError(f"{recipe.source}: {src}: " + refusal(scheme.name, fmt, MAIN_KIND[comp] if c else None, what))
+    # 2. Patterns must match something, and their scheme must be possible for what they match.
+    matched: dict[str, tuple[str, Scheme]] = {}
+    names = [l.name for l in layers]
+    for pattern, scheme in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise UsageError(f"{recipe.source}: layer pattern {pattern!r} matches no layer of this model; "
+                             + _layer_hint(pattern, names))
+        c = cell(scheme.name, fmt)
+        kinds = {layers[n].kind for n in hits}
+        if c is None or not (kinds & c.kinds):
+            raise UsageError(f"{recipe.source}: layers {pattern!r}: "
+                             + refusal(scheme.name, fmt, sorted(kinds)[0] if c else None, f"{pattern}"))
+        for n in hits:
+            matched[n] = (pattern, scheme)
+    # 3. Each layer: requested scheme, then fallbacks that are reported.
+    out: dict[str, Assignment] = {}
+    for layer in layers:
+        if layer.name in matched:
+            source, requested = matched[layer.name]
+        elif layer.component in components:
+            source, requested = "component", components[layer.component]
+        else:
+            source, requested = "default", default
+        scheme, reason = _fit(layer, requested, fmt)
+        out[layer.name] = Assignment(layer, requested, scheme, source, reason)
+    return Plan(recipe, fmt, out, dict(layers.other))
+
+
+def _fit(layer: Layer, scheme: Scheme, fmt: str) -> tuple[Scheme, str]:
+    """The scheme a layer actually gets, and why it differs from the requested one."""
+    c = SUPPORT[(scheme.name, fmt)] if (scheme.name, fmt) in SUPPORT else None
+    if c is None or layer.kind not in c.kinds:
+        fb = float_fallback(fmt, layer.kind)
+        return fb, f"{fmt} does not quantize {layer.kind} layers with {scheme.name}"
+    if scheme.info.grouped:
+        k = layer.in_features
+        if k % scheme.group_size:
+            smaller = [g for g in GROUP_SIZES if g < scheme.group_size and k % g == 0]
+            if smaller:
+                return Scheme(scheme.name, max(smaller)), f"{k} input channels are not a multiple of {scheme.group_size}"
+            wider = {"int4": "int8", "8da4w": "8da8w"}[scheme.name]
+            if (wider, fmt) in SUPPORT and layer.kind in SUPPORT[(wider, fmt)].kinds:
+                return Scheme(wider), f"{k} input channels are not a multiple of any group size {GROUP_SIZES}"
+            return float_fallback(fmt, layer.kind), f"{k} input channels fit no group size {GROUP_SIZES}"
+    return scheme, ""
+
+
+def _layer_hint(pattern: str, names: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
+    comps = sorted({n.split("/", 1)[0] for n in names})
+    example = next((n for n in names if n.startswith(pattern.split("/", 1)[0] + "/")), names[0] if names else "")
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return (f"{hint}layer names look like {example!r} (components: {', '.join(comps)}; "
+            "`hartkit quantize --checkpoint DIR --recipe R --dry-run` lists them)")

@@ -1,0 +1,261 @@
+"""Quantization schemes and the one table of which (scheme, format, layer kind) cells exist.
+
+A *scheme* says what happens to a layer's weights (and activations); a *format* realises it with its
+own library. The table below is the single source of truth: the recipe resolver, the exporters'
+hooks, the CLI's ``--list`` and the tests all read it. A cell that is not in the table is refused
+with its reason and the alternatives — never silently run in float.
+
+Layer kinds: ``linear`` (nn.Linear: MatMul/Gemm in ONNX), ``conv`` (nn.Conv2d) and ``embedding``
+(nn.Embedding used as a lookup: Gather in ONNX).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from hartkit.errors import UsageError
+
+FORMATS = ("onnx", "executorch", "coreml")
+COMPONENTS = ("text_encoder", "ar_transformer", "diffusion_head", "vae")
+KINDS = ("linear", "conv", "embedding")
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 32
+# What most of a component's weights are: a scheme must cover this kind to be accepted for the
+# component; its other layers (e.g. the token embedding) fall back, and the plan says so.
+MAIN_KIND = {"text_encoder": "linear", "ar_transformer": "linear", "diffusion_head": "linear", "vae": "conv"}
+
+
+@dataclass(frozen=True)
+class SchemeInfo:
+    bits: int  # bits per stored weight (before scales)
+    grouped: bool  # takes a group size (int4, 8da4w)
+    activations: str  # "float" | "dynamic" | "static"
+    description: str
+
+
+SCHEMES: dict[str, SchemeInfo] = {
+    "fp32": SchemeInfo(32, False, "float", "float32 weights (no quantization)"),
+    "fp16": SchemeInfo(16, False, "float", "float16 weights"),
+    "int8": SchemeInfo(8, False, "float", "int8 weights, symmetric, one scale per output channel; float activations"),
+    "w8a8": SchemeInfo(8, False, "dynamic", "int8 per-channel weights and int8 activations quantized at run time"),
+    "w8a8_static": SchemeInfo(8, False, "static",
+                              "int8 per-channel weights and int8 activations with scales calibrated on real inputs"),
+    "int4": SchemeInfo(4, True, "float", "int4 weights, symmetric, one scale per group of input channels"),
+    "8da8w": SchemeInfo(8, False, "dynamic", "torchao: int8 per-token dynamic activations, int8 per-channel weights"),
+    "8da4w": SchemeInfo(4, True, "dynamic", "torchao: int8 per-token dynamic activations, int4 per-group weights"),
+    "palettize4": SchemeInfo(4, False, "float", "Core ML k-means palettization: 16-entry lookup table per tensor"),
+    "palettize6": SchemeInfo(6, False, "float", "Core ML k-means palettization: 64-entry lookup table per tensor"),
+    "palettize8": SchemeInfo(8, False, "float", "Core ML k-means palettization: 256-entry lookup table per tensor"),
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    kinds: frozenset[str]  # layer kinds the format quantizes with this scheme
+    how: str  # the library call that does it
+    exact: bool  # the eager emulation reproduces the format's arithmetic up to float rounding
+
+
+def _cell(kinds: str, how: str, exact: bool = True) -> Cell:
+    return Cell(frozenset(kinds.split()), how, exact)
+
+
+# ------------------------------------------------------------------------------------------------
+# THE SUPPORT TABLE. (scheme, format) -> Cell. Everything absent is refused (see REFUSED for why).
+# ------------------------------------------------------------------------------------------------
+SUPPORT: dict[tuple[str, str], Cell] = {
+    # ONNX: onnxruntime.quantization. Gemm nodes are rewritten to MatMul (+Add) first, so 2-D
+    # Linear calls (the diffusion head, the AdaLN projections) are quantized too.
+    ("fp32", "onnx"): _cell("linear conv embedding", "export as is"),
+    ("fp16", "onnx"): _cell("linear conv embedding",
+                            "weights stored as float16 initializers + Cast to float32 (compute stays fp32; "
+                            "onnxconverter-common is not used)"),
+    ("int8", "onnx"): _cell("linear", "MatMulNBitsQuantizer(bits=8, symmetric, block = K rounded up to a power "
+                                      "of two: one scale per output channel)"),
+    ("int4", "onnx"): _cell("linear", "MatMulNBitsQuantizer(bits=4, symmetric, block_size = group size)"),
+    ("w8a8", "onnx"): _cell("linear conv", "quantize_dynamic(per_channel=True, weight_type=QInt8): "
+                                           "MatMulInteger/ConvInteger, uint8 per-tensor activations", exact=False),
+    ("w8a8_static", "onnx"): _cell("linear conv", "quantize_static(QDQ, per_channel=True, MinMax calibration on "
+                                                  "recorded real inputs)", exact=False),
+    # ExecuTorch: torchao configs on the wrapper modules before torch.export, lowered to XNNPACK.
+    ("fp32", "executorch"): _cell("linear conv embedding", "export as is"),
+    ("fp16", "executorch"): _cell("linear conv embedding",
+                                  "layer weights in float16, the layer computes in float16 between casts"),
+    ("8da8w", "executorch"): _cell("linear", "torchao Int8DynamicActivationIntxWeightConfig(int8, PerAxis(0))",
+                                   exact=False),
+    ("8da4w", "executorch"): _cell("linear", "torchao Int8DynamicActivationIntxWeightConfig(int4, PerGroup(g))",
+                                   exact=False),
+    # Core ML: coremltools.optimize.coreml on the converted packages.
+    ("fp32", "coreml"): _cell("linear conv embedding", "export as is"),
+    ("fp16", "coreml"): _cell("linear conv embedding", "float16 weights"),
+    ("int8", "coreml"): _cell("linear conv embedding",
+                              "OpLinearQuantizerConfig(linear_symmetric, int8, per_channel)"),
+    ("int4", "coreml"): _cell("linear conv embedding",
+                              "OpLinearQuantizerConfig(linear_symmetric, int4, per_block, block_size = group), iOS18"),
+    ("palettize4", "coreml"): _cell("linear conv embedding", "OpPalettizerConfig(kmeans, nbits=4)"),
+    ("palettize6", "coreml"): _cell("linear conv embedding", "OpPalettizerConfig(kmeans, nbits=6)"),
+    ("palettize8", "coreml"): _cell("linear conv embedding", "OpPalettizerConfig(kmeans, nbits=8)"),
+}
+
+# Why the absent cells are absent (shown in the error together with the alternatives).
+_WEIGHT_ONLY_ET = ("weight-only int8/int4 (torchao IntxWeightOnlyConfig) lowered to XNNPACK gives silently wrong "
+                   "outputs in this version set (executorch 1.5.1, torchao 0.18: errors of 1e3 and more, measured)")
+REFUSED: dict[tuple[str, str], str] = {
+    ("int8", "executorch"): _WEIGHT_ONLY_ET + "; use 8da8w",
+    ("int4", "executorch"): _WEIGHT_ONLY_ET + "; use 8da4w",
+    ("w8a8", "executorch"): "ExecuTorch's int8-activation scheme is torchao's 8da8w (per-token activations)",
+    ("w8a8_static", "executorch"): "static activation quantization (PT2E) is not wired for XNNPACK here; use 8da8w",
+    ("8da8w", "onnx"): "8da8w is torchao's scheme for ExecuTorch; onnxruntime's int8-activation scheme is w8a8",
+    ("8da4w", "onnx"): "onnxruntime has no int4-weight kernel with dynamic int8 activations of torchao's kind; "
+                       "use int4 (MatMulNBits)",
+    ("8da8w", "coreml"): "Core ML quantizes activations only statically; use int8 (weights) instead",
+    ("8da4w", "coreml"): "Core ML quantizes activations only statically; use int4 (weights) instead",
+    ("w8a8", "coreml"): "Core ML has no dynamic activation quantization; use int8",
+    ("w8a8_static", "coreml"): "Core ML activation quantization is not wired here; use int8",
+}
+for _n in (4, 6, 8):
+    REFUSED[(f"palettize{_n}", "onnx")] = "palettization (k-means lookup tables) is a Core ML compression"
+    REFUSED[(f"palettize{_n}", "executorch")] = "palettization (k-means lookup tables) is a Core ML compression"
+
+
+def supported_schemes(fmt: str, kind: str | None = None) -> list[str]:
+    return [s for s in SCHEMES if (s, fmt) in SUPPORT and (kind is None or kind in SUPPORT[(s, fmt)].kinds)]
+
+
+def cell(scheme: str, fmt: str) -> Cell | None:
+    return SUPPORT.get((scheme, fmt))
+
+
+def float_fallback(fmt: str, kind: str) -> "Scheme":
+    """Where a layer goes when its scheme cannot take it: float16 if the format stores it, else fp32."""
+    if kind in SUPPORT[("fp16", fmt)].kinds:
+        return Scheme("fp16")
+    return Scheme("fp32")
+
+
+def refusal(scheme: str, fmt: str, kind: str | None = None, what: str = "") -> str:
+    """The error text of a refused cell: why, and what the format offers instead."""
+    where = f" for {what}" if what else ""
+    base = SCHEMES[scheme]
+    if (scheme, fmt) in SUPPORT and kind is not None:
+        why = f"{fmt} quantizes only {'/'.join(sorted(SUPPORT[(scheme, fmt)].kinds))} layers with {scheme}"
+    else:
+        why = REFUSED.get((scheme, fmt), f"{fmt} has no {scheme}")
+    alts = supported_schemes(fmt, kind)
+    # nearest alternatives first: same bit width, then the rest
+    alts.sort(key=lambda s: (abs(SCHEMES[s].bits - base.bits), s))
+    kind_txt = f" {kind}" if kind else ""
+    return (f"scheme {scheme} is not available on {fmt}{where}: {why}. "
+            f"Schemes {fmt} supports for{kind_txt} layers: {', '.join(alts)}")
+
+
+# ----------------------------------------------------------------------------- a scheme with its options
+
+_SCHEME_RE = re.compile(r"^(?P<base>[a-z0-9_]+?)(?:[-_/]g(?P<group>\d+))?$")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A scheme name plus its group size (int4 / 8da4w only), e.g. ``Scheme("int4", 64)``."""
+
+    name: str
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEMES:
+            raise UsageError(unknown("scheme", self.name, SCHEMES))
+        info = SCHEMES[self.name]
+        if info.grouped:
+            if self.group_size is None:
+                object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE)
+            elif self.group_size not in GROUP_SIZES:
+                raise UsageError(f"scheme {self.name}: group size {self.group_size} is not one of "
+                                 f"{', '.join(map(str, GROUP_SIZES))}")
+        elif self.group_size is not None:
+            raise UsageError(f"scheme {self.name} takes no group size (only "
+                             f"{', '.join(n for n, i in SCHEMES.items() if i.grouped)} do)")
+
+    @property
+    def info(self) -> SchemeInfo:
+        return SCHEMES[self.name]
+
+    @property
+    def bits(self) -> int:
+        return self.info.bits
+
+    @property
+    def is_float(self) -> bool:
+        return self.name in ("fp32", "fp16")
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-g{self.group_size}" if self.info.grouped else self.name
+
+    def __str__(self) -> str:
+        return self.label
+
+    @classmethod
+    def parse(cls, value: Any, where: str = "") -> "Scheme":
+        """``"int4"``, ``"int4-g64"``, ``{"scheme": "int4", "group_size": 64}`` or a Scheme."""
+        if isinstance(value, Scheme):
+            return value
+        prefix = f"{where}: " if where else ""
+        if isinstance(value, Mapping):
+            extra = sorted(set(value) - {"scheme", "group_size"})
+            if extra:
+                raise UsageError(f"{prefix}unknown key(s) {extra} in a scheme entry; "
+                                 "a scheme entry has 'scheme' and optionally 'group_size'")
+            if "scheme" not in value:
+                raise UsageError(f"{prefix}a scheme entry needs a 'scheme' key, got {dict(value)}")
+            group = value.get("group_size")
+            if group is not None and (not isinstance(group, int) or isinstance(group, bool)):
+                raise UsageError(f"{prefix}group_size must be an integer, got {group!r}")
+            name = value["scheme"]
+            if not isinstance(name, str):
+                raise UsageError(f"{prefix}scheme must be a string, got {name!r}")
+            try:
+                return cls(name.strip().lower(), group)
+            except UsageError as exc:
+                raise UsageError(f"{prefix}{exc}") from None
+        if not isinstance(value, str):
+            raise UsageError(f"{prefix}a scheme is a name like 'int8' or 'int4-g64', got {value!r}")
+        text = value.strip().lower()
+        m = _SCHEME_RE.match(text)
+        if text in SCHEMES or not m or m.group("base") not in SCHEMES:
+            base, group = text, None
+        else:
+            base, group = m.group("base"), int(m.group("group"))
+        try:
+            return cls(base, group)
+        except UsageError as exc:
+            raise UsageError(f"{prefix}{exc}") from None
+
+
+def unknown(what: str, name: object, choices) -> str:
+    """'unknown scheme 'int5' (did you mean int4?); choose from ...'."""
+    choices = list(choices)
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=2, cutoff=0.5)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return f"unknown {what} {name!r}{hint}; choose from {', '.join(map(str, choices))}"
+
+
+def support_table() -> str:
+    """A readable version of the table (``hartkit quantize --list``)."""
+    lines = [f"{'scheme':12} " + " ".join(f"{f:26}" for f in FORMATS)]
+    for s in SCHEMES:
+        row = []
+        for f in FORMATS:
+            c = SUPPORT.get((s, f))
+            row.append(f"{'/'.join(k for k in KINDS if k in c.kinds):26}" if c else f"{'-':26}")
+        lines.append(f"{s:12} " + " ".join(row))
+    lines.append("")
+    lines.append("how each supported cell is done:")
+    for (s, f), c in SUPPORT.items():
+        lines.append(f"  {s:12} {f:11} {c.how}")
+    lines.append("refused cells:")
+    for (s, f), why in REFUSED.items():
+        lines.append(f"  {s:12} {f:11} {why}")
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""The shipped demo model (assets/demo) and the training script that makes it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hartkit.model.checkpoint import build_hart, load_hart
+from hartkit.model.presets import get_preset
+from hartkit.model.sampler import SamplerOptions, generate_from_prompts
+from hartkit.model.text_encoder import TextEncoder
+from hartkit.validate import caption_score, scenes
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "assets" / "demo"
+
+
+def _load_script(name: str):
+    path = ROOT / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def train_script():
+    return _load_script("train_tiny_hart")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    model = load_hart(DEMO)
+    encoder = TextEncoder.from_pretrained(DEMO / "text_model")
+    return model, encoder
+
+
+# ----------------------------------------------------------------------------- the shipped model
+
+
+def test_shipped_checkpoint_is_the_demo_preset_in_the_official_layout(demo):
+    model, encoder = demo
+    spec = get_preset("demo")
+    assert model.cfg.to_dict() == spec.hart.to_dict()
+    assert model.vae_cfg.to_dict() == spec.vae.to_dict()
+    assert encoder.hidden_size == model.cfg.context_dim
+    for part in ("llm", "tokenizer", "text_model"):
+        assert (DEMO / part / "config.json").is_file() and (DEMO / part / "model.safetensors").is_file()
+    total = sum(f.stat().st_size for f in DEMO.rglob("*") if f.is_file())
+    assert total < 15e6, f"assets/demo is {total / 1e6:.1f} MB"
+    assert "train_tiny_hart.py" in (DEMO / "README.md").read_text()
+
+
+def test_shipped_model_draws_its_captions(demo):
+    model, encoder = demo
+    prompts = scenes.heldout_prompts(100)[::12][:8]  # both kinds, never seen in training
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        images, _ = generate_from_prompts(model, encoder, prompts, seed=0, options=SamplerOptions(cfg=4.5))
+    assert images.shape == (8, 64, 64, 3) and images.dtype == np.uint8
+    report = caption_score.evaluate(images, prompts)
+    # chance is 0.3 %; the background alone is right 1 time in 6 by chance
+    assert report.accuracy >= 3 / 8, report.summary()
+    assert report.per_attribute["background"] >= 6 / 8, report.summary()
+    again, _ = generate_from_prompts(model, encoder, prompts[:2], seed=0, options=SamplerOptions(cfg=4.5))
+    first, _ = generate_from_prompts(model, encoder, prompts[:2], seed=0, options=SamplerOptions(cfg=4.5))
+    assert np.array_equal(again, first)
+
+
+# ----------------------------------------------------------------------------- training pieces
+
+
+def test_block_causal_bias_is_upstreams_mask(train_script):
+    spec = get_preset("tiny")
+    tr = build_hart(spec.hart, spec.vae).transformer
+    T, pns = spec.hart.context_token, spec.hart.patch_nums
+    # upstream: d = [0]*T + [i+1]*pn^2 for the scales after the first; allowed iff d[q] >= d[k]
+    d = [0] * T + [i + 1 for i, pn in enumerate(pns[1:]) for _ in range(pn * pn)]
+    bias = train_script.block_causal_bias(tr)
+    assert bias.shape == (1, 1, len(d), len(d))
+    for q in range(0, len(d), 7):
+        for k in range(0, len(d), 5):
+            assert bias[0, 0, q, k].item() == (0.0 if d[q] >= d[k] else -math.inf)
+
+
+def test_masked_full_sequence_equals_staged_kv_cache_inference(train_script):
+    """Training's one masked pass over the teacher-forced sequence computes what the sampler's
+    stage-by-stage loop with a KV cache computes (so the trained weights mean the same thing)."""
+    spec = get_preset("tiny")
+    torch.manual_seed(0)
+    model = build_hart(spec.hart, spec.vae)
+    train_script.init_transformer(model.transformer)
+    tr = model.transformer
+    with torch.no_grad():  # make the blocks do something (upstream init gates them shut)
+        for blk in tr.blocks:
+            blk.ada_lin[-1].bias.normal_(0, 0.3)
+    B, T, seq = 2, tr.T, tr.cfg.seq_len
+    x = torch.randn(B, seq, tr.C)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 5:] = False
+    positions = np.cumsum(mask.numpy(), axis=1) - 1
+    cos, sin = train_script.rope_tables(tr, positions)
+    mods, _ = tr.modulations(torch.randn(B, T, tr.C), mask)
+    with torch.no_grad():
+        full, _, _ = tr.blocks_forward(x, mods, cos, sin, None, None, attn_bias=train_script.block_causal_bias(tr))
+        bounds = tr.stage_offsets + [seq]
+        past_k = past_v = None
+        for si in range(len(bounds) - 1):
+            a, b = bounds[si], bounds[si + 1]
+            h, k, v = tr.blocks_forward(x[:, a:b], mods, cos[:, a:b], sin[:, a:b], past_k, past_v)
+            torch.testing.assert_close(h, full[:, a:b], atol=1e-5, rtol=1e-4)
+            past_k = k if past_k is None else torch.cat([past_k, k], dim=3)
+            past_v = v if past_v is None else torch.cat([past_v, v], dim=3)
+        unmasked, _, _ = tr.blocks_forward(x, mods, cos, sin, None, None)
+    assert not torch.allclose(unmasked[:, :T], full[:, :T])  # the mask does change things
+
+
+def _alpha_bar(t: float) -> float:
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def test_diffusion_loss_terms(train_script):
+    loss = train_script.DiffusionTrainingLoss()
+    N, C = 6, 4
+    x0 = torch.rand(N, C) * 1.6 - 0.8
+    noise = torch.randn(N, C)
+    t = torch.tensor([1, 5, 99, 400, 800, 999])
+
+    class Perfect(torch.nn.Module):  # eps exact, variance = the true posterior's (v = -1)
+        def forward(self, x_t, tt, z):
+            return torch.cat([noise, -torch.ones_like(noise)], dim=1)
+
+    mse, vb = loss.terms(Perfect(), x0, torch.zeros(N, 1), t, noise)
+    assert mse.abs().max() < 1e-10 and vb.abs().max() < 1e-5
+
+    # Against torch.distributions with the schedule recomputed from the cosine formula.
+    eps = torch.randn(N, C)
+    v = torch.rand(N, C) * 2 - 1
+
+    class Guess(torch.nn.Module):
+        def forward(self, x_t, tt, z):
+            return torch.cat([eps, v], dim=1)
+
+    mse, vb = loss.terms(Guess(), x0, torch.zeros(N, 1), t, noise)
+    torch.testing.assert_close(mse, (eps - noise).square().mean(1))
+    for i, ti in enumerate(t.tolist()):
+        ab = np.prod([1 - min(1 - _alpha_bar((s + 1) / 1000) / _alpha_bar(s / 1000), 0.999) for s in range(ti + 1)])
+        ab_prev = ab / (1 - min(1 - _alpha_bar((ti + 1) / 1000) / _alpha_bar(ti / 1000), 0.999))
+        beta = 1 - ab / ab_prev
+        x_t = math.sqrt(ab) * x0[i] + math.sqrt(1 - ab) * noise[i]
+        post_mean = lambda x_start: (beta * math.sqrt(ab_prev) / (1 - ab)) * x_start + (  # noqa: E731
+            (1 - ab_prev) * math.sqrt(1 - beta) / (1 - ab)) * x_t
+        post_var = beta * (1 - ab_prev) / (1 - ab)
+        pred_x0 = x_t / math.sqrt(ab) - math.sqrt(1 / ab - 1) * eps[i]
+        frac = (v[i] + 1) / 2
+        model_var = torch.exp(frac * math.log(beta) + (1 - frac) * math.log(post_var))
+        kl = torch.distributions.kl_divergence(
+            torch.distributions.Normal(post_mean(x0[i]).double(), math.sqrt(post_var)),
+            torch.distributions.Normal(post_mean(pred_x0).double(), model_var.sqrt().double()),
+        )
+        assert vb[i].item() == pytest.approx(kl.mean().item() / math.log(2), rel=2e-3, abs=1e-5)
+
+
+def test_training_smoke_run_writes_a_loadable_checkpoint(train_script, tmp_path):
+    cfg = train_script.TrainConfig.smoke(str(tmp_path / "ckpt"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = train_script.train(cfg)
+    log = json.loads((out / "training.json").read_text())
+    assert len(log["transformer_history"]) >= 1 and len(log["tokenizer_history"]) >= 1
+    assert all(math.isfinite(h["loss"]) for h in log["transformer_history"])
+    assert (out / "README.md").is_file()
+    model = load_hart(out)
+    encoder = TextEncoder.from_pretrained(out / "text_model")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        images, _ = generate_from_prompts(model, encoder, ["a red circle on a blue background"], seed=1)
+    assert images.shape == (1, 32, 32, 3)
+    # the text model's tokenizer reads a caption word as one token
+    ids = encoder.tokenizer.encode(["a red circle on a blue background"], 16)
+    assert int(ids.mask.sum()) == 7

@@ -1,0 +1,643 @@
+"""``hartkit validate``: a bundle (any format, any backend) against the torch references, in numbers.
+
+For a fixed set of prompts x seeds:
+
+1. the **fp32 reference** (eager torch, same graph cut, same host loop) generates every image; a
+   :class:`~hartkit.export.exporter.RecordingBackend` keeps the real inputs of every graph call;
+2. every **row** — the fp16 reference and each (bundle, format) — is scored against it:
+
+   - *per graph*: the recorded inputs through the row's backend; max abs error, cosine and SNR of
+     every output (worst over calls and outputs);
+   - *teacher-forced, per stage*: the row generates with the fp32 run's tokens and latents forced at
+     every stage (``Pipeline.generate(teacher=...)``), so each stage sees the reference's inputs;
+     its CFG-mixed logits against the reference's: KL, top-1 agreement, top-k overlap; and the
+     residual diffusion head's output (same tokens, same noise draws) against the reference's;
+   - *free-running*: the row generates on its own with the same seed; token agreement per stage,
+     the first stage whose tokens differ, and the final image's PSNR/SSIM vs the fp32 and fp16 images;
+   - *caption accuracy* of the free-running images when issue 7's scorer
+     (:mod:`hartkit.validate.caption_score`) is installed and the prompts are scene captions;
+3. the bars of :mod:`hartkit.validate.thresholds` turn the numbers into pass/fail.
+
+Only bundle rows decide the verdict; the fp16 row is scored the same way for comparison.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from hartkit.errors import HartkitError, MissingDependencyError, UsageError
+from hartkit.export.exporter import RecordingBackend
+from hartkit.runtime.pipeline import Pipeline, RuntimeTrace
+from hartkit.validate import metrics as M
+from hartkit.validate.references import References
+from hartkit.validate.thresholds import Failure, misses, resolve
+
+# Scene captions (issue 7's grammar, so the caption scorer can read them) with one and two shapes.
+DEFAULT_PROMPTS = (
+    "a red circle above a blue square on a yellow background",
+    "a green triangle on a white background",
+    "a white square to the left of a black circle on a blue background",
+)
+DEFAULT_SEEDS = (0, 1)
+DEFAULT_CFG = 4.5
+TOPK = 10  # top-k overlap: the head of the distribution, where a trained model's mass sits
+RECORD_BUDGET_MB = 1024.0  # recorded graph inputs/outputs kept for the per-graph scores
+FORMAT_BACKEND = {"onnx": "onnxruntime", "executorch": "executorch", "coreml": "coreml"}
+
+Progress = Callable[[str], None]
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """A prompts file: a JSON list of strings, or one prompt per line (blank and ``#`` lines skipped)."""
+    import json
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: prompts file not found") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text ({exc})") from None
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}: looks like JSON but does not parse ({exc})") from None
+        if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
+            raise UsageError(f"{path}: a JSON prompts file must be a list of strings")
+        prompts = [p for p in data if p.strip()]
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise UsageError(f"{path}: no prompts in the file")
+    return prompts
+
+
+def parse_seeds(text: str | Iterable[int]) -> list[int]:
+    if isinstance(text, str):
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        try:
+            seeds = [int(s, 0) for s in items]
+        except ValueError:
+            raise UsageError(f"--seeds takes comma-separated integers (e.g. 0,1), got {text!r}") from None
+    else:
+        seeds = [int(s) for s in text]
+    if not seeds or any(not 0 <= s < 2**64 for s in seeds):
+        raise UsageError(f"seeds must be one or more integers in [0, 2**64), got {text!r}")
+    return list(dict.fromkeys(seeds))
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class GraphScore:
+    graph: str
+    calls: int = 0
+    max_abs_err: float = 0.0
+    cosine_min: float = 1.0
+    snr_db_min: float = math.inf
+    outputs: list[dict] = field(default_factory=list)  # per call and output
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        f = M.finite_or_none
+        return {"graph": self.graph, "calls": self.calls, "max_abs_err": f(self.max_abs_err),
+                "cosine_min": f(self.cosine_min), "snr_db_min": f(self.snr_db_min), "error": self.error,
+                "outputs": [{k: (f(v) if isinstance(v, float) else v) for k, v in o.items()} for o in self.outputs]}
+
+
+@dataclass
+class StageScore:
+    stage: int
+    pn: int
+    tf_kl: float = 0.0  # mean over positions and runs
+    tf_kl_max: float = 0.0  # worst position
+    tf_top1: float = 1.0
+    tf_topk: float = 1.0
+    tf_logits_max_abs_err: float = 0.0
+    free_token_agreement: float = 1.0
+
+    def to_json(self) -> dict:
+        return {k: (M.finite_or_none(v) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class RunScore:
+    """One (prompt, seed): free-running and teacher-forced results."""
+
+    prompt: str
+    seed: int
+    first_divergent_stage: int | None = None
+    free_token_agreement: list[float] = field(default_factory=list)
+    image_psnr_db: float = math.inf
+    image_ssim: float = 1.0
+    image_psnr_vs_fp16_db: float | None = None
+    image_ssim_vs_fp16: float | None = None
+    tf_image_psnr_db: float = math.inf
+    residual_snr_db: float = math.inf
+    residual_max_abs_err: float = 0.0
+    residual_cosine: float = 1.0
+
+    def to_json(self) -> dict:
+        out = {}
+        for k, v in self.__dict__.items():
+            if isinstance(v, list):
+                v = [M.finite_or_none(x) for x in v]
+            elif isinstance(v, float):
+                v = M.finite_or_none(v)
+            out[k] = v
+        return out
+
+
+@dataclass
+class Row:
+    """One line of the parity matrix: a reference or a (bundle, format, backend, recipe)."""
+
+    label: str
+    kind: str  # "reference" | "bundle"
+    format: str
+    backend: str
+    recipe: str
+    bundle: str | None = None
+    status: str = "ok"  # "ok" | "skipped" (cannot run here) | "error" (could not be validated)
+    reason: str = ""
+    graphs: list[GraphScore] = field(default_factory=list)
+    stages: list[StageScore] = field(default_factory=list)
+    runs: list[RunScore] = field(default_factory=list)
+    caption: dict | None = None
+    notes: list[str] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)  # free-running, one per run (not in JSON)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "ok" and not self.failures
+
+    @property
+    def first_divergent_stage(self) -> int | None:
+        found = [r.first_divergent_stage for r in self.runs if r.first_divergent_stage is not None]
+        return min(found) if found else None
+
+    def summary(self) -> dict[str, float | None]:
+        """The parity matrix's columns: one number per metric, worst or mean as each bar reads it."""
+        if self.status != "ok" or not self.runs:
+            return {}
+        runs = self.runs
+        graph_ok = [g for g in self.graphs if g.error is None]
+        out: dict[str, float | None] = {
+            "graph_snr_db_min": min((g.snr_db_min for g in graph_ok), default=None),
+            "graph_cosine_min": min((g.cosine_min for g in graph_ok), default=None),
+            "tf_kl_max": max((s.tf_kl for s in self.stages), default=None),
+            "tf_top1_min": min((s.tf_top1 for s in self.stages), default=None),
+            "tf_topk_min": min((s.tf_topk for s in self.stages), default=None),
+            "free_token_agreement_min": min((s.free_token_agreement for s in self.stages), default=None),
+            "first_divergent_stage": self.first_divergent_stage,
+            "residual_snr_db_min": min(r.residual_snr_db for r in runs),
+            "image_psnr_db_min": _mean([r.image_psnr_db for r in runs]),
+            "image_ssim_min": _mean([r.image_ssim for r in runs]),
+            "image_psnr_vs_fp16_db_min": _mean([r.image_psnr_vs_fp16_db for r in runs]),
+            "image_ssim_vs_fp16_min": _mean([r.image_ssim_vs_fp16 for r in runs]),
+            "tf_image_psnr_db": _mean([r.tf_image_psnr_db for r in runs]),
+        }
+        if self.caption is not None:
+            out["caption_accuracy"] = self.caption["accuracy"]
+            out["caption_accuracy_drop_max"] = self.caption.get("drop")
+        return out
+
+    def to_json(self) -> dict:
+        f = M.finite_or_none
+        return {
+            "label": self.label, "kind": self.kind, "format": self.format, "backend": self.backend,
+            "recipe": self.recipe, "bundle": self.bundle, "status": self.status, "reason": self.reason,
+            "passed": self.passed, "first_divergent_stage": self.first_divergent_stage,
+            "summary": {k: (f(v) if isinstance(v, float) else v) for k, v in self.summary().items()},
+            "graphs": [g.to_json() for g in self.graphs],
+            "stages": [s.to_json() for s in self.stages],
+            "runs": [r.to_json() for r in self.runs],
+            "caption": self.caption, "notes": self.notes,
+            "failures": [x.to_json() for x in self.failures],
+        }
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    return float(np.mean(vals))  # inf stays inf (identical images), which is what it means
+
+
+# ----------------------------------------------------------------------------- the references
+
+
+@dataclass
+class ReferenceRuns:
+    """The fp32 reference's generations (the teacher), recorded graph inputs, and the fp16 row."""
+
+    refs: References
+    prompts: list[str]
+    seeds: list[int]
+    cfg: float
+    topk: int
+    runs: list[tuple[str, int]]
+    fp32: list[tuple[np.ndarray, RuntimeTrace]]
+    recorded: dict[str, list[tuple[dict, list[np.ndarray]]]]
+    fp16: Row | None = None
+    fp32_caption: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fp16_images(self) -> list[np.ndarray] | None:
+        return self.fp16.images if self.fp16 is not None else None
+
+
+class BudgetRecorder(RecordingBackend):
+    """:class:`RecordingBackend` that stops keeping new calls once ``budget_bytes`` are held
+    (the first call of every graph is always kept, so every graph gets a per-graph score)."""
+
+    def __init__(self, inner, budget_bytes: int) -> None:
+        super().__init__(inner, max_calls=3, always=("ar_stage",))
+        self.budget = budget_bytes
+        self.held = 0
+
+    def run(self, graph, feeds):
+        seen = len(self.calls.get(graph, []))
+        size = sum(np.asarray(v).nbytes for v in feeds.values())
+        if seen and self.held + size > self.budget:
+            return self.inner.run(graph, feeds)
+        out = super().run(graph, feeds)
+        if len(self.calls.get(graph, [])) > seen:
+            self.held += size + sum(np.asarray(o).nbytes for o in out)
+        return out
+
+
+def run_references(refs: References, prompts: Sequence[str] = DEFAULT_PROMPTS, seeds: Sequence[int] = DEFAULT_SEEDS,
+                   cfg: float = DEFAULT_CFG, *, fp16: bool = True, topk: int = TOPK,
+                   record_budget_mb: float = RECORD_BUDGET_MB, progress: Progress | None = None) -> ReferenceRuns:
+    """Generate every (prompt, seed) with the fp32 reference (recording graph inputs), then score fp16.
+
+    Recording: every ``ar_stage`` call of the first run (so each scale is covered) and the first
+    three calls of every other graph across the runs, within ``record_budget_mb`` — the per-graph
+    numbers need real inputs, not all of them (a full-size model's KV caches of the late stages
+    are gigabytes per call; past the budget, only the first calls are kept).
+    """
+    if not prompts:
+        raise UsageError("no prompts to validate on")
+    say = progress or (lambda _m: None)
+    runs = [(p, s) for p in prompts for s in seeds]
+    recorder = BudgetRecorder(refs.torch_backend, budget_bytes=int(record_budget_mb * 2**20))
+    pipe = Pipeline(refs.loop, recorder, refs.fp32.tokenizer, refs.codebook)
+    fp32 = []
+    for i, (prompt, seed) in enumerate(runs):
+        if i == 1:
+            recorder.always = set()
+        fp32.append(pipe.generate(prompt, seed=seed, cfg=cfg, keep_logits=True))
+        say(f"fp32 reference {i + 1}/{len(runs)}")
+    out = ReferenceRuns(refs, list(prompts), list(seeds), cfg, topk, runs, fp32, recorder.calls)
+    out.fp32_caption = caption_accuracy([img for img, _ in fp32], [p for p, _ in runs], out.notes)
+    if fp16:
+        row = Row("torch (fp16 autocast)", "reference", "torch", "torch-fp16", "fp16")
+        score_row(row, refs.fp16, out, progress=say)
+        for graph, why in sorted(refs.fp16_backend.fallbacks.items()):
+            row.notes.append(f"graph {graph} ran in fp32: no fp16 CPU kernel ({why})")
+        out.fp16 = row
+    return out
+
+
+def caption_accuracy(images: Sequence[np.ndarray], prompts: Sequence[str], notes: list[str] | None = None,
+                     ) -> dict | None:
+    """Issue 7's caption accuracy over the prompts that are scene captions; None when unavailable."""
+    try:
+        from hartkit.validate import caption_score, scenes
+    except ImportError as exc:
+        if notes is not None and not any("caption" in n for n in notes):
+            notes.append(f"caption accuracy skipped: hartkit.validate.caption_score is not available ({exc})")
+        return None
+    keep = []
+    for i, prompt in enumerate(prompts):
+        try:
+            scenes.parse_caption(prompt)
+        except ValueError:
+            continue
+        keep.append(i)
+    if not keep:
+        if notes is not None and not any("caption" in n for n in notes):
+            notes.append("caption accuracy skipped: no prompt is a scene caption (hartkit.validate.scenes grammar)")
+        return None
+    try:
+        report = caption_score.evaluate([images[i] for i in keep], [prompts[i] for i in keep])
+    except Exception as exc:  # the scorer is another module's code: a failure there must not sink the report
+        if notes is not None:
+            notes.append(f"caption accuracy failed: {type(exc).__name__}: {exc}")
+        return None
+    return {"accuracy": float(report.accuracy), "n": int(report.n), "chance": float(report.chance),
+            "per_attribute": {k: float(v) for k, v in report.per_attribute.items()}}
+
+
+# ----------------------------------------------------------------------------- scoring one row
+
+
+def score_graphs(backend, recorded: Mapping[str, list[tuple[dict, list[np.ndarray]]]],
+                 output_names: Mapping[str, list[str]]) -> list[GraphScore]:
+    scores = []
+    for graph, calls in recorded.items():
+        gs = GraphScore(graph)
+        for ci, (feeds, ref_outs) in enumerate(calls):
+            try:
+                got = backend.run(graph, feeds)
+            except Exception as exc:  # noqa: BLE001 - any backend failure on real inputs is the bundle's
+                gs.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                break
+            for name, ref, out in zip(output_names[graph], ref_outs, got):
+                out = np.asarray(out)
+                if out.shape != ref.shape:
+                    gs.error = f"output {name}: shape {list(out.shape)} != {list(ref.shape)}"
+                    break
+                err, cos, snr = M.max_abs_err(ref, out), M.cosine(ref, out), M.snr_db(ref, out)
+                gs.outputs.append({"call": ci, "output": name, "max_abs_err": err, "cosine": cos, "snr_db": snr})
+                gs.max_abs_err = max(gs.max_abs_err, err)
+                gs.cosine_min = min(gs.cosine_min, cos)
+                gs.snr_db_min = min(gs.snr_db_min, snr)
+            if gs.error:
+                break
+            gs.calls += 1
+        scores.append(gs)
+    return scores
+
+
+class GenerationFailed(HartkitError):
+    """A row's backend raised while generating: the row is an error (a failure), not a crash."""
+
+
+def score_row(row: Row, pipe: Pipeline, ref: ReferenceRuns, progress: Progress | None = None) -> Row:
+    """Fill ``row`` with every metric of ``pipe`` against the fp32 reference runs."""
+    say = progress or (lambda _m: None)
+    loop = ref.refs.loop
+    row.graphs = score_graphs(pipe.backend, ref.recorded, ref.refs.output_names)
+    say(f"{row.label}: graphs")
+    n_stages = len(loop.patch_nums)
+    acc = {k: [[] for _ in range(n_stages)] for k in ("kl", "top1", "topk", "tok")}
+    logit_err = [0.0] * n_stages
+    kl_worst = [0.0] * n_stages
+    fp16_images = ref.fp16_images
+    for i, ((prompt, seed), (ref_image, ref_trace)) in enumerate(zip(ref.runs, ref.fp32)):
+        try:
+            tf_image, tf_trace = pipe.generate(prompt, seed=seed, cfg=ref.cfg, keep_logits=True, teacher=ref_trace)
+            image, trace = pipe.generate(prompt, seed=seed, cfg=ref.cfg)
+        except Exception as exc:  # noqa: BLE001 - a backend that cannot run the loop: the row fails
+            raise GenerationFailed(f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
+        run = RunScore(prompt, seed)
+        for si in range(n_stages):
+            a, b = ref_trace.stage_logits[si], tf_trace.stage_logits[si]
+            kl = M.kl_divergence(a, b)
+            acc["kl"][si].append(kl.ravel())
+            kl_worst[si] = max(kl_worst[si], float(kl.max(initial=0.0)))
+            acc["top1"][si].append((np.argmax(a, -1) == np.argmax(b, -1)).ravel())
+            acc["topk"][si].append(M.topk_overlaps(a, b, ref.topk))
+            logit_err[si] = max(logit_err[si], M.max_abs_err(a, b))
+            same = (np.asarray(ref_trace.tokens[si]) == np.asarray(trace.tokens[si])).ravel()
+            acc["tok"][si].append(same)
+            run.free_token_agreement.append(float(same.mean()))
+        run.first_divergent_stage = M.first_divergent_stage(ref_trace.tokens, trace.tokens)
+        run.residual_snr_db = M.snr_db(ref_trace.residual, tf_trace.residual)
+        run.residual_max_abs_err = M.max_abs_err(ref_trace.residual, tf_trace.residual)
+        run.residual_cosine = M.cosine(ref_trace.residual, tf_trace.residual)
+        run.image_psnr_db = M.psnr(ref_image, image)
+        run.image_ssim = M.ssim(ref_image, image)
+        run.tf_image_psnr_db = M.psnr(ref_image, tf_image)
+        if fp16_images is not None:
+            run.image_psnr_vs_fp16_db = M.psnr(fp16_images[i], image)
+            run.image_ssim_vs_fp16 = M.ssim(fp16_images[i], image)
+        elif row.kind == "reference":
+            run.image_psnr_vs_fp16_db, run.image_ssim_vs_fp16 = math.inf, 1.0  # it is the fp16 image
+        row.runs.append(run)
+        row.images.append(image)
+        say(f"{row.label}: {i + 1}/{len(ref.runs)}")
+    row.stages = []  # per stage, pooled over every run's token positions
+    for si, pn in enumerate(loop.patch_nums):
+        row.stages.append(StageScore(
+            stage=si, pn=pn,
+            tf_kl=float(np.concatenate(acc["kl"][si]).mean()), tf_kl_max=kl_worst[si],
+            tf_top1=float(np.concatenate(acc["top1"][si]).mean()),
+            tf_topk=float(np.concatenate(acc["topk"][si]).mean()),
+            tf_logits_max_abs_err=logit_err[si],
+            free_token_agreement=float(np.concatenate(acc["tok"][si]).mean())))
+    captions = caption_accuracy(row.images, [p for p, _ in ref.runs])
+    if captions is not None and ref.fp32_caption is not None:
+        captions["drop"] = ref.fp32_caption["accuracy"] - captions["accuracy"]
+    row.caption = captions
+    return row
+
+
+def judge(row: Row, bars: Mapping[str, float | None]) -> list[Failure]:
+    """Every bar the row misses, naming the stage or graph; stages and graphs in loop order."""
+    failures: list[Failure] = []
+    if row.status != "ok":
+        return failures
+    for g in row.graphs:
+        if g.error is not None:
+            failures.append(Failure(row.label, "graph_snr_db_min", -math.inf, bars.get("graph_snr_db_min") or 0.0,
+                                    graph=g.graph, detail=f"could not run: {g.error}"))
+            continue
+        for metric, value in (("graph_snr_db_min", g.snr_db_min), ("graph_cosine_min", g.cosine_min)):
+            if misses(metric, value, bars):
+                failures.append(Failure(row.label, metric, value, bars[metric], graph=g.graph))
+    first = row.first_divergent_stage
+    for s in row.stages:
+        for metric, value in (("tf_kl_max", s.tf_kl), ("tf_top1_min", s.tf_top1), ("tf_topk_min", s.tf_topk),
+                              ("free_token_agreement_min", s.free_token_agreement)):
+            if misses(metric, value, bars):
+                detail = f"scale {s.pn}x{s.pn}"
+                if metric == "free_token_agreement_min" and first is not None:
+                    detail += f"; tokens first diverge at stage {first}"
+                failures.append(Failure(row.label, metric, value, bars[metric], stage=s.stage, detail=detail))
+    summary = row.summary()
+    for metric in ("residual_snr_db_min", "image_psnr_db_min", "image_ssim_min", "image_psnr_vs_fp16_db_min",
+                   "image_ssim_vs_fp16_min", "caption_accuracy_drop_max"):
+        value = summary.get(metric)
+        if misses(metric, value, bars):
+            detail = f"tokens first diverge at stage {first}" if first is not None and "image" in metric else ""
+            failures.append(Failure(row.label, metric, value, bars[metric], detail=detail))
+    return failures
+
+
+# ----------------------------------------------------------------------------- candidates
+
+
+@dataclass
+class Candidate:
+    row: Row
+    pipeline: Pipeline | None = None
+
+
+def recipe_name(manifest: Mapping) -> str:
+    recipe = manifest.get("recipe")
+    if not recipe:
+        return "fp32"
+    if isinstance(recipe, Mapping):
+        return str(recipe.get("name") or recipe.get("preset") or "custom")
+    return str(recipe)
+
+
+def open_candidates(bundles: Sequence[str | Path], refs: References, backend: str | None = None,
+                    graph_backends: Mapping[str, str] | None = None) -> list[Candidate]:
+    """One candidate per (bundle, format): every format of each bundle whose backend runs on this
+    machine (a format that cannot run here is a *skipped* row), or only ``backend``'s format when
+    given (then a bundle without it, or a backend that cannot start, is an error)."""
+    from hartkit.runtime.backends import BACKEND_FORMAT
+    from hartkit.runtime.bundle import BundleError, read_manifest, verify_bundle
+
+    out: list[Candidate] = []
+    labels: dict[str, int] = {}
+    for path in bundles:
+        folder = Path(path)
+        manifest = read_manifest(folder)  # BundleError (exit 3) for a missing or malformed bundle
+        refs.check_bundle(folder, manifest)
+        recipe = recipe_name(manifest)
+        formats = list(manifest.get("files", {}))
+        if backend is not None:
+            fmt = BACKEND_FORMAT.get(backend)
+            if fmt not in formats:
+                raise UsageError(f"{folder}: has no {fmt} files for backend {backend!r} (formats: {', '.join(formats) or 'none'})")
+            picks = [(fmt, backend)]
+        else:
+            picks = [(fmt, FORMAT_BACKEND[fmt]) for fmt in formats if fmt in FORMAT_BACKEND]
+        if not picks:
+            raise UsageError(f"{folder}: the bundle lists no graph files in a known format")
+        report = verify_bundle(folder)
+        for fmt, be in picks:
+            label = f"{folder.name} ({fmt}, {recipe})"
+            labels[label] = labels.get(label, 0) + 1
+            if labels[label] > 1:
+                label = f"{label} #{labels[label]}"
+            row = Row(label, "bundle", fmt, be, recipe, bundle=str(folder))
+            cand = Candidate(row)
+            out.append(cand)
+            if not report.ok:
+                row.status, row.reason = "error", "bundle does not verify: " + "; ".join(report.problems[:5])
+                continue
+            try:
+                cand.pipeline = Pipeline.from_exported(folder, backend=be, graph_backends=graph_backends)
+            except (MissingDependencyError, HartkitError) as exc:
+                if backend is not None or isinstance(exc, BundleError):
+                    raise
+                row.status, row.reason = "skipped", f"backend {be} cannot run here: {exc}"
+    return out
+
+
+# ----------------------------------------------------------------------------- the whole validation
+
+
+@dataclass
+class ValidationReport:
+    reference: ReferenceRuns
+    rows: list[Row]  # the fp16 reference first (when computed), then the bundles
+    thresholds: dict[str, float | None]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bundle_rows(self) -> list[Row]:
+        return [r for r in self.rows if r.kind == "bundle"]
+
+    @property
+    def passed(self) -> bool:
+        ran = [r for r in self.bundle_rows if r.status != "skipped"]
+        return bool(ran) and all(r.passed for r in ran)
+
+    @property
+    def failures(self) -> list[Failure]:
+        out = []
+        for r in self.bundle_rows:
+            if r.status == "error":
+                out.append(Failure(r.label, "status", math.nan, math.nan, detail=r.reason))
+            out.extend(r.failures)
+        return out
+
+    def failure_lines(self) -> list[str]:
+        lines = []
+        for r in self.bundle_rows:
+            if r.status == "error":
+                lines.append(f"{r.label}: could not be validated: {r.reason}")
+            lines.extend(f.message() for f in r.failures)
+        return lines
+
+
+def validate(bundles: Sequence[str | Path], checkpoint: str | Path | None = None, *,
+             text_model: str | Path | None = None, backend: str | None = None,
+             graph_backends: Mapping[str, str] | None = None, prompts: Sequence[str] = DEFAULT_PROMPTS,
+             seeds: Sequence[int] = DEFAULT_SEEDS, cfg: float = DEFAULT_CFG,
+             thresholds: Mapping[str, object] | None = None, fp16: bool = True, topk: int = TOPK,
+             reference: ReferenceRuns | None = None, progress: Progress | None = None,
+             on_total: Callable[[int], None] | None = None) -> ValidationReport:
+    """Validate bundles against the references; ``reference`` reuses earlier reference runs.
+
+    ``progress`` is called once per unit of work, ``on_total`` once the number of units is known.
+    """
+    bars = resolve(thresholds)
+    if not bundles:
+        raise UsageError("give at least one bundle to validate")
+    if reference is None:
+        if checkpoint is None:
+            checkpoint, text_model = checkpoint_from_manifests(bundles, text_model)
+        refs = References(checkpoint, text_model)
+    else:
+        refs = reference.refs
+    candidates = open_candidates(bundles, refs, backend, graph_backends)
+    live = [c for c in candidates if c.pipeline is not None]
+    n_runs = len(prompts) * len(seeds) if reference is None else len(reference.runs)
+    if on_total is not None:
+        ref_units = 0 if reference is not None else n_runs + (n_runs + 1 if fp16 else 0)
+        on_total(ref_units + len(live) * (n_runs + 1))
+    if reference is None:
+        reference = run_references(refs, prompts, seeds, cfg, fp16=fp16, topk=topk, progress=progress)
+    notes = list(reference.notes)
+    for cand in live:
+        try:
+            score_row(cand.row, cand.pipeline, reference, progress)
+        except GenerationFailed as exc:  # a graph that cannot run on its inputs: the bundle is broken
+            cand.row.status, cand.row.reason = "error", f"generation failed: {exc}"
+    rows = ([reference.fp16] if reference.fp16 is not None else []) + [c.row for c in candidates]
+    for row in rows:
+        row.failures = judge(row, bars)
+    for row in rows:
+        if row.status == "skipped":
+            notes.append(f"{row.label}: skipped ({row.reason})")
+        notes.extend(f"{row.label}: {note}" for note in row.notes)
+    return ValidationReport(reference, rows, bars, notes)
+
+
+def checkpoint_from_manifests(bundles: Sequence[str | Path], text_model: str | Path | None,
+                              ) -> tuple[Path, Path | None]:
+    """The checkpoint the bundles were exported from, when their manifests record one that exists here.
+
+    Bundles exported by older hartkit versions record none; every bundle that records one must name
+    the same folder (validating bundles of different models against one reference is meaningless).
+    """
+    from hartkit.runtime.bundle import read_manifest
+
+    found: dict[str, dict] = {}
+    for bundle in bundles:
+        model = read_manifest(Path(bundle)).get("model", {})
+        if model.get("checkpoint_path"):
+            found.setdefault(str(model["checkpoint_path"]), model)
+    if not found:
+        raise UsageError("the bundles' manifests do not record their checkpoint; pass --checkpoint DIR "
+                         "(the checkpoint they were exported from)")
+    if len(found) > 1:
+        raise UsageError(f"the bundles were exported from different checkpoints ({', '.join(sorted(found))}); "
+                         "validate them separately or pass --checkpoint DIR")
+    path, model = next(iter(found.items()))
+    if not Path(path).is_dir():
+        raise UsageError(f"the bundles' manifests name checkpoint {path}, which is not a folder here; "
+                         "pass --checkpoint DIR")
+    if text_model is None and model.get("text_model_path") and Path(model["text_model_path"]).is_dir():
+        text_model = Path(model["text_model_path"])
+    return Path(path), (Path(text_model) if text_model else None)
