@@ -285,7 +285,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print("\n".join(verdict_lines(report)))
     print(f"{'PASS' if report.passed else 'FAIL'}: report at {html_path.resolve().as_uri()} (data: {json_path})")
-    return 0 if report.passed else 1
+    return 0 if report.passed else 3  # a failed check, like parity and bundle verification
 
 
 def _add_validate_parser(sub) -> None:

@@ -194,8 +194,12 @@ def resolve_vae_dir(root_llm: Path, cfg: HARTConfig) -> Path:
     return root_llm.parent / "tokenizer"
 
 
-def load_hart(root: str | os.PathLike, *, prefer_ema: bool = True, dtype: torch.dtype = torch.float32) -> HART:
-    """Load ``<root>/llm`` and ``<root>/tokenizer`` (the official layout) on the CPU."""
+def load_hart(root: str | os.PathLike, *, prefer_ema: bool = True, dtype: torch.dtype = torch.float32,
+              resolution: int | None = None) -> HART:
+    """Load ``<root>/llm`` and ``<root>/tokenizer`` (the official layout) on the CPU.
+
+    ``resolution`` (px) runs the model on fewer scales, see :func:`restrict_resolution`.
+    """
     root = Path(root)
     _check_dir(root, "checkpoint")
     llm_dir = root / "llm"
@@ -217,9 +221,46 @@ def load_hart(root: str | os.PathLike, *, prefer_ema: bool = True, dtype: torch.
     strict_load(model.transformer, llm_state, llm_src, assign=True)
     strict_load(model.vae, vae_state, vae_src, assign=True)
     _materialize_buffers(model)
+    if resolution is not None:
+        model = restrict_resolution(model, resolution)
     if dtype != torch.float32:
         model.to(dtype)
     return model.eval()
+
+
+def restrict_resolution(model: HART, resolution: int) -> HART:
+    """The same weights run on fewer scales: ``patch_nums`` cut after the scale giving ``resolution`` px.
+
+    For routine measurement (e.g. the 1024 px model at 256 px = scales up to 16). Only the level
+    embedding rows of the kept scales are used; the 2-D RoPE then spans the smaller last scale (the
+    model was not trained for that, so images are not meaningful — speed and memory are). The VAE is
+    unchanged (it is convolutional).
+    """
+    import dataclasses
+
+    down = model.vae_cfg.downsample
+    pns = tuple(model.cfg.patch_nums)
+    valid = [p * down for p in pns[1:]]
+    if resolution % down or resolution // down not in pns[1:]:
+        raise CheckpointError(f"resolution {resolution} px is not one of this model's scales: choose from {valid}")
+    keep = pns[: pns.index(resolution // down) + 1]
+    if keep == pns:
+        return model
+    cfg = dataclasses.replace(model.cfg, patch_nums=keep)
+    state = model.transformer.state_dict()
+    state["lvl_embed.weight"] = state["lvl_embed.weight"][: len(keep)]
+    small = build_hart(cfg, model.vae_cfg, device="meta")
+    expected = small.transformer.state_dict()
+    state["lvl_1L"] = torch.zeros_like(expected["lvl_1L"], device="cpu")  # rebuilt below from the new scales
+    for key in ("pos_1LC",):  # gpt2: absolute positions of the kept rows
+        if key in state:
+            state[key] = state[key][:, : expected[key].shape[1]]
+    strict_load(small.transformer, state, "restrict_resolution", assign=True)
+    levels = [torch.zeros(cfg.context_token, dtype=torch.int64)] + [
+        torch.full((p * p,), i + 1, dtype=torch.int64) for i, p in enumerate(keep[1:])]
+    small.transformer.lvl_1L = torch.cat(levels).view(1, -1)
+    small.vae = model.vae
+    return small.eval()
 
 
 def _strip_vae_prefix(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:

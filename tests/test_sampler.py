@@ -125,3 +125,22 @@ def test_hard_sampling_path_runs(tiny_model, tiny_text_encoder):
     images, trace = generate_from_prompts(tiny_model, tiny_text_encoder, [PROMPT, "a green triangle"], seed=3,
                                           options=SamplerOptions(more_smooth=False, cfg=1.0))
     assert images.shape[0] == 2 and trace.tokens[-1].shape[0] == 2
+
+
+def test_resolution_option_runs_the_same_weights_on_fewer_scales(tiny_checkpoint, tiny_model, tiny_text_encoder):
+    from hartkit.errors import CheckpointError
+    from hartkit.model.checkpoint import load_hart
+
+    small = load_hart(tiny_checkpoint, resolution=16)
+    assert small.cfg.patch_nums == tiny_model.cfg.patch_nums[:4]
+    assert torch.equal(small.transformer.lvl_embed.weight, tiny_model.transformer.lvl_embed.weight[:4])
+    assert torch.equal(small.transformer.blocks[0].attn.proj.weight, tiny_model.transformer.blocks[0].attn.proj.weight)
+    assert small.transformer.lvl_1L.shape[1] == small.cfg.seq_len
+    images, trace = generate_from_prompts(small, tiny_text_encoder, [PROMPT], seed=1)
+    assert images.shape == (1, 16, 16, 3)
+    assert [t.shape[1] for t in trace.tokens] == [1, 4, 9, 16]
+    # the first stages see the same inputs as the full model: identical tokens there
+    _, full = generate_from_prompts(tiny_model, tiny_text_encoder, [PROMPT], seed=1)
+    assert np.array_equal(trace.tokens[0], full.tokens[0])
+    with pytest.raises(CheckpointError, match="choose from"):
+        load_hart(tiny_checkpoint, resolution=20)

@@ -353,7 +353,7 @@ def test_cli_exit_codes_and_report_location(onnx_bundle, broken_bundle, tmp_path
     assert "PASS" in out and (tmp_path / "good" / "report.html").resolve().as_uri() in out
     code = main(["validate", str(broken_bundle), *common, "--out", str(tmp_path / "bad")])
     out = capsys.readouterr().out
-    assert code == 1
+    assert code == 3
     assert "tokens first diverge at stage 1" in out and "graph ar_stage" in out
     assert json.loads((tmp_path / "bad" / "report.json").read_text())["passed"] is False
     assert main(["validate", str(onnx_bundle[0]), *common, "--threshold", "no_such_bar=1"]) == 2
