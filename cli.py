@@ -209,7 +209,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             bar.update(1)
 
         result = export_checkpoint(args.checkpoint, args.out, formats, text_model=args.text_model,
-                                   overwrite=args.force, progress=step)
+                                   overwrite=args.force, progress=step,
+                                   # quantization hook (issue 4): --recipe / --calibration
+                                   recipe=getattr(args, "recipe", None), calibration=getattr(args, "calibration", None))
     finally:
         bar.close()
     print(format_table(result.parity))
@@ -241,7 +243,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     images = _generate_images(checkpoint, checkpoint / "text_model", [args.prompt], args.seed, args.cfg, True, 0.0)
     paths = _save_images(images, out_dir / "demo.png")
     print(f"prompt: {args.prompt!r}  seed: {args.seed}")
-    print(f"wrote {paths[0]} from checkpoint {checkpoint}")
+    print(f"wrote {paths[0]} from checkpoint {checkpoint} (PyTorch reference sampler)")
+    if args.quick:
+        return 0
+    return _demo_exported(checkpoint, out_dir, args, images[0])
+
+
+def _demo_exported(checkpoint: Path, out_dir: Path, args: argparse.Namespace, reference) -> int:
+    """The rest of the product on the same prompt: export -> torch-free runtime -> validation report."""
+    import numpy as np
+
+    from hartkit.export.exporter import export_checkpoint
+    from hartkit.runtime.bundle import verify_bundle
+    from hartkit.runtime.images import psnr
+    from hartkit.validate.core import validate
+    from hartkit.validate.report import verdict_lines, write_report
+
+    bundle = out_dir / "bundle-onnx"
+    print(f"exporting to ONNX (graphs + parity checks + golden vectors) -> {bundle} ...", file=sys.stderr)
+    export_checkpoint(checkpoint, bundle, ["onnx"], overwrite=True)
+    print(f"wrote the bundle {bundle}: {verify_bundle(bundle).checked_files} files, checksums verified")
+    images = _generate_exported(bundle, "onnxruntime", {}, [args.prompt], args.seed, args.cfg, True, 0.0)
+    path = _save_images(images, out_dir / "demo-onnxruntime.png")[0]
+    same = np.array_equal(images[0], reference)
+    print(f"wrote {path} from the exported bundle on onnxruntime (torch-free runtime): "
+          + ("identical to the reference" if same else f"PSNR {psnr(reference, images[0]):.1f} dB vs the reference"))
+    print("validating the bundle against the fp32/fp16 references ...", file=sys.stderr)
+    report = validate([bundle], checkpoint, text_model=checkpoint / "text_model", prompts=[args.prompt],
+                      seeds=(args.seed,), cfg=args.cfg)
+    _, html = write_report(report, out_dir / "report")
+    print("\n".join(verdict_lines(report)))
+    print(f"validation report: {html.resolve().as_uri()}")
     return 0
 
 
@@ -338,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     p.add_argument("--cfg", type=_cfg, default=4.5, help="classifier-free guidance scale (default: 4.5)")
     p.add_argument("--out", default=str(DEFAULT_DEMO_DIR), help=f"output folder (default: {DEFAULT_DEMO_DIR})")
+    p.add_argument("--quick", action="store_true",
+                   help="only the PyTorch reference image (skip the ONNX export, runtime run and validation report)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -383,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "--bundle", dest="out", required=True, metavar="DIR",
                    help="output bundle folder (new or empty, unless --force); every export is a verified bundle")
     p.add_argument("--force", action="store_true", help="replace an existing export in OUT")
+    # --- quantization hook (issue 4): --recipe/--calibration here, `quantize` and `sensitivity` commands
+    from hartkit.quantize.cli import add_export_options, add_parsers as add_quantize_parsers
+
+    add_export_options(p)
+    add_quantize_parsers(sub)
+    # --- end quantization hook
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(

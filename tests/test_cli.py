@@ -53,8 +53,12 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path):
     assert res.returncode == 2 and "unknown preset 'huge'" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_demo_writes_an_image(tmp_path):
+def test_demo_shows_reference_export_runtime_and_report(tmp_path):
     res = run_cli("demo", "--out", str(tmp_path / "demo"))
     assert res.returncode == 0, res.stderr
-    assert (tmp_path / "demo" / "demo.png").is_file()
-    assert "wrote" in res.stdout
+    demo = tmp_path / "demo"
+    assert (demo / "demo.png").is_file() and (demo / "bundle-onnx" / "manifest.json").is_file()
+    assert "identical to the reference" in res.stdout
+    assert np.array_equal(np.asarray(Image.open(demo / "demo.png")), np.asarray(Image.open(demo / "demo-onnxruntime.png")))
+    assert f"validation report: {(demo / 'report' / 'report.html').resolve().as_uri()}" in res.stdout
+    assert (demo / "report" / "report.json").is_file()
