@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from hartkit.errors import HartkitError, MissingDependencyError, UsageError
-from hartkit.export.bundle import DEFAULT_CFG, build_manifest, write_golden, write_loop_golden
+from hartkit.export.bundle import (DEFAULT_CFG, QUANTIZED_GOLDEN_TOL, build_manifest, write_golden,
+                                   write_loop_golden)
 from hartkit.export.graphs import GraphSpec, hart_graph_specs
 from hartkit.export.info import build_export_info
 from hartkit.runtime.bundle import MANIFEST
@@ -173,6 +174,16 @@ def export_checkpoint(
         info["notes"] = result.notes
         golden_graphs = write_golden(tmp, recorder.calls, output_names)
         golden_loop = write_loop_golden(tmp, record_prompt, seed, DEFAULT_CFG, ref_trace.tokens, ref_image)
+        if quant is not None:
+            # A quantized graph's golden outputs are the eager-quantized ones, per format; the fp32
+            # loop replay does not apply (quantized tokens legitimately differ).
+            golden_graphs = {
+                "by_format": {fmt: write_golden(tmp, quant.golden_calls(fmt), output_names, subdir=f"golden/{fmt}",
+                                                tolerance=QUANTIZED_GOLDEN_TOL)
+                              for fmt in formats},
+                **golden_graphs,
+            }
+            golden_loop = None
         manifest = build_manifest(info, encoder.tokenizer, golden_graphs, golden_loop,
                                   quant.recipe.to_dict() if quant is not None else None,  # issue 4 hook
                                   checkpoint.resolve().name, tmp, checkpoint_path=checkpoint.resolve(),

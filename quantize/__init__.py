@@ -1,1 +1,23 @@
-"""hartkit.quantize."""
+"""hartkit.quantize: quantization recipes for every component and export format.
+
+=================  ===========================================================================
+module             what it holds
+=================  ===========================================================================
+schemes            the schemes and THE support table of (scheme, format, layer kind) cells
+recipe             recipes as data (JSON/YAML, presets ``laptop``/``phone``/``fp16``/``fp32``),
+                   validated, and resolved per format into a per-layer :class:`~.recipe.Plan`
+layers             the quantizable layers (``component/path``) and which graphs use them
+fakequant          each format's arithmetic applied in eager torch (the reference exports are
+                   checked against)
+onnx_quant         onnxruntime.quantization on exported ONNX graphs (Gemm -> MatMul first)
+coreml_quant       coremltools.optimize.coreml on the converted packages, and their check
+apply              :class:`~.apply.QuantizedExport`, what ``export_checkpoint(recipe=...)`` calls
+calibration        real graph inputs recorded from the reference loop over a prompt set (.npz)
+sensitivity        per-layer sensitivity, mixed precision under a size budget, the plot
+sizes              bytes per layer per (scheme, format): budgets and size checks
+cli                ``hartkit quantize`` and ``hartkit sensitivity``
+=================  ===========================================================================
+
+Import cost: only ``cli`` is imported by ``hartkit --help``; the rest loads torch and the format
+libraries lazily.
+"""

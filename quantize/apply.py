@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from hartkit.errors import HartkitError, UsageError
+from hartkit.errors import UsageError
 from hartkit.export.parity import GraphParity, OutputParity, snr_db
 from hartkit.quantize import fakequant as fq
 from hartkit.quantize.layers import LayerTable, discover, layer_modules
@@ -184,8 +184,10 @@ def graph_bar(plan: Plan, graph: str) -> tuple[str, float]:
 
 def check_quantized(backend, realization: Realization, recorded: Mapping[str, list[tuple[dict, list[np.ndarray]]]],
                     output_names: Mapping[str, list[str]], input_names: Mapping[str, list[str]],
-                    label: str | None = None) -> tuple[list[GraphParity], dict[str, dict]]:
-    """Every recorded call on ``backend`` vs the eager reference; -> parity rows and a per-graph report."""
+                    label: str | None = None, eager_outputs: dict | None = None) -> tuple[list[GraphParity], dict[str, dict]]:
+    """Every recorded call on ``backend`` vs the eager reference; -> parity rows and a per-graph report.
+
+    ``eager_outputs``, if given, receives graph -> [(feeds, eager-quantized outputs)] (golden vectors)."""
     from hartkit.export.graphs import run_graph
 
     fmt = label or realization.fmt
@@ -196,6 +198,8 @@ def check_quantized(backend, realization: Realization, recorded: Mapping[str, li
         worst_eager, worst_fp32, worst_quant = math.inf, math.inf, math.inf
         for feeds, ref_fp32 in calls:
             ref_q = run_graph(realization.modules[graph], [feeds[n] for n in input_names[graph]])
+            if eager_outputs is not None:
+                eager_outputs.setdefault(graph, []).append((feeds, ref_q))
             got = backend.run(graph, feeds)
             for name, r32, rq, g in zip(output_names[graph], ref_fp32, ref_q, got):
                 g = np.asarray(g)
@@ -236,8 +240,12 @@ class QuantizedExport:
     ranges: dict = field(default_factory=dict)
     realizations: dict[str, Realization] = field(default_factory=dict)
     reports: dict[str, dict] = field(default_factory=dict)
+    eager_outputs: dict[str, dict] = field(default_factory=dict)  # fmt -> graph -> [(feeds, outputs)]
     onnx_reports: dict[str, dict] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    _say: Callable[[str], None] = field(default=lambda _m: None, repr=False)
+    _fp32_modules: dict = field(default_factory=dict, repr=False)  # for replaying calibration feeds
+    _spec_inputs: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def prepare(cls, recipe, model, encoder, system_length: int, specs: Sequence, formats: Sequence[str],
@@ -256,12 +264,23 @@ class QuantizedExport:
         qx = cls(recipe, model, encoder, system_length, layers, plans)
         for fmt, plan in plans.items():
             qx.notes += [f"quantize {fmt}: {line}" for line in plan.fallback_summary()]
+        for fmt, plan in plans.items():
+            if fmt == "coreml" and any(a.scheme.name == "fp32" for a in plan.assignments.values()):
+                qx.notes.append("quantize coreml: fp32 layers are stored and computed in float16 (the Core ML "
+                                "exporter converts with compute_precision=FLOAT16)")
         if recipe.uses_calibration(formats):
             qx.calibration = qx._calibration(calibration, specs, say)
-        for fmt, plan in plans.items():
-            say(f"quantize: eager reference for {fmt}")
-            qx.realizations[fmt] = realize(model, encoder, system_length, plan, qx.ranges)
+        qx._say = say
         return qx
+
+    def realization(self, fmt: str) -> Realization:
+        """The format's eager reference, built on first use (a deep copy of the models: the exporter
+        drops it once the format is checked, so large models are not held once per format)."""
+        if fmt not in self.realizations:
+            self._say(f"quantize: eager reference for {fmt}")
+            self.realizations[fmt] = realize(self.model, self.encoder, self.system_length, self.plans[fmt],
+                                             self.ranges)
+        return self.realizations[fmt]
 
     def _calibration(self, calibration, specs, say):
         from hartkit.quantize.calibration import CalibrationSet, activation_ranges, record
@@ -296,7 +315,7 @@ class QuantizedExport:
         if fmt == "executorch":
             from hartkit.export.executorch_export import export_executorch
 
-            real = self.realizations[fmt]
+            real = self.realization(fmt)
             return export_executorch(real.specs, real.modules, folder, progress=say)
         if fmt == "coreml":
             from hartkit.quantize.coreml_quant import export_coreml_quantized
@@ -343,12 +362,22 @@ class QuantizedExport:
             rows, report, notes = check_coreml_quantized(self, folder, info, recorded, output_names, input_names)
             self.reports[fmt] = report
             result.notes.extend(notes)
+            self.realizations.pop(fmt, None)
             return rows
         else:  # pragma: no cover
             raise UsageError(f"unknown format {fmt}")
-        rows, report = check_quantized(backend, self.realizations[fmt], recorded, output_names, input_names)
+        rows, report = check_quantized(backend, self.realization(fmt), recorded, output_names, input_names,
+                                       eager_outputs=self.eager_outputs.setdefault(fmt, {}))
         self.reports[fmt] = report
+        self.realizations.pop(fmt, None)
         return rows
+
+    def golden_calls(self, fmt: str) -> dict[str, list[tuple[dict, list[np.ndarray]]]]:
+        """The recorded inputs with the *eager-quantized* outputs of ``fmt`` (after ``check``): what a
+        quantized bundle's golden vectors for that format should hold (the fp32 ones do not apply)."""
+        if fmt not in self.eager_outputs:
+            raise UsageError(f"no eager-quantized outputs for {fmt}: check() it first")
+        return self.eager_outputs[fmt]
 
     # ------------------------------------------------------------------ records
     def to_json(self) -> dict:

@@ -10,7 +10,8 @@ Weights are fake-quantized (quantize -> dequantize, kept in float32) with each f
   2^(b-1)-1]``) — read from onnxruntime's quantizer and checked against it in the tests.
 * onnx ``w8a8`` / ``w8a8_static``: int8 per output channel, ``scale = max|w| / 127`` (w8a8 Conv:
   per tensor — quantize_dynamic's ConvInteger path ignores per_channel).
-* coreml ``int8`` / ``int4``: linear_symmetric, ``scale = max|w| / (2^(b-1) - 1)`` per channel / block.
+* coreml ``int8`` / ``int4``: linear_symmetric on the fp16 weight, ``scale = max|w| / (2^(b-1) - 1)``
+  per channel / block, the division in float16 (see :func:`coreml_linear`).
 * ``fp16``: weights rounded to float16.
 
 Activations (``w8a8``: onnxruntime's DynamicQuantizeLinear, uint8 per tensor over the whole input;
@@ -82,18 +83,6 @@ def symmetric_per_tensor(w: Tensor, qmax: int) -> Tensor:
     return symmetric_per_channel(w.reshape(1, -1), qmax).reshape(w.shape)
 
 
-def symmetric_per_block(w: Tensor, qmax: int, block: int) -> Tensor:
-    """Per output channel and per ``block`` input channels (dim 1), ``scale = max|w| / qmax``."""
-    out_c, in_c = w.shape[:2]
-    rest = w.shape[2:]
-    wf = w.detach().double().reshape(out_c, in_c // block, block, *rest)
-    dims = tuple(range(2, wf.dim()))
-    scale = (wf.abs().amax(dim=dims, keepdim=True) / qmax).half().double()  # Core ML stores fp16 scales
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.clamp(torch.round(wf / safe), -qmax - 1, qmax)
-    return (q * scale).reshape(w.shape).float()
-
-
 def fake_weight(w: Tensor, kind: str, scheme: Scheme, fmt: str) -> Tensor:
     """The dequantized weight the format computes with (float32, same shape)."""
     name = scheme.name
@@ -110,21 +99,28 @@ def fake_weight(w: Tensor, kind: str, scheme: Scheme, fmt: str) -> Tensor:
         if name in ("w8a8", "w8a8_static"):
             return symmetric_per_channel(w, 127)
     if fmt == "coreml":
+        # the converter stores fp16 constants (compute_precision FLOAT16) and coremltools quantizes those
         if name == "int8":
-            return symmetric_per_channel_fp16(w, 127)
+            return coreml_linear(w, 127)
         if name == "int4":
-            return symmetric_per_block(w, 7, int(scheme.group_size))
+            return coreml_linear(w, 7, int(scheme.group_size))
         if name.startswith("palettize"):
-            return kmeans_palettize(w, scheme.bits)
+            return kmeans_palettize(w.detach().half().float(), scheme.bits)
     raise ValueError(f"no eager weight rule for {scheme.label} on {fmt}")
 
 
-def symmetric_per_channel_fp16(w: Tensor, qmax: int) -> Tensor:
-    """Core ML int8 per channel: like :func:`symmetric_per_channel` with the scale stored in fp16."""
-    flat = w.detach().double().reshape(w.shape[0], -1)
-    scale = (flat.abs().amax(dim=1, keepdim=True) / qmax).half().double()
+def coreml_linear(w: Tensor, qmax: int, block: int | None = None) -> Tensor:
+    """coremltools ``linear_symmetric``: on the fp16 weight the converter stored, ``scale =
+    fp16(max|w| / qmax)`` per output channel (or per ``block`` input channels), ``q = round(w / scale)``
+    with the division done in float16, and the dequantized value rounded to float16 (matched
+    bit for bit against decompressed packages in the tests)."""
+    w16 = w.detach().half()
+    out_c = w16.shape[0]
+    g = w16.reshape(out_c, -1) if block is None else w16.reshape(out_c, w16.shape[1] // block, block, -1)
+    dims = (1,) if block is None else (2, 3)
+    scale = (g.float().abs().amax(dim=dims, keepdim=True) / qmax).half()
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.clamp(torch.round(flat / safe), -qmax - 1, qmax)
+    q = torch.clamp(torch.round(g / safe), -qmax - 1, qmax)
     return (q * scale).reshape(w.shape).float()
 
 
@@ -169,13 +165,16 @@ def static_uint8(x: Tensor, scale: float, zero_point: int) -> Tensor:
 
 
 def uint8_qparams(lo: float, hi: float) -> tuple[float, int]:
-    """onnxruntime's asymmetric uint8 parameters for a calibrated range (widened to include 0)."""
-    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    scale = np.float32((hi - lo) / 255.0)
-    if scale == 0:
+    """onnxruntime's asymmetric uint8 parameters for a calibrated range (``compute_scale_zp``):
+    the range widened to include 0, ``scale = (hi - lo) / 255`` in float64, ``zp = round(-lo /
+    scale)`` from that float64 scale, the scale then stored as float32. (The range itself comes from
+    torch here and from onnxruntime's own run there, so the two can differ in the last bit.)"""
+    lo64, hi64 = min(float(np.float32(lo)), 0.0), max(float(np.float32(hi)), 0.0)
+    scale = (hi64 - lo64) / 255.0
+    if scale < np.finfo(np.float32).tiny:
         return 1.0, 0
-    zp = int(np.clip(np.round(-lo / scale), 0, 255))
-    return float(scale), zp
+    zp = int(np.clip(np.round(0.0 - lo64 / scale), 0, 255))
+    return float(np.float32(scale)), zp
 
 
 class ActivationQuant(TorchFunctionMode):

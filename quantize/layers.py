@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from hartkit.quantize.schemes import COMPONENTS
 
 
 @dataclass(frozen=True)
@@ -214,8 +213,4 @@ def _usage(modules: Mapping[str, nn.Module], feeds: Mapping[str, Sequence[torch.
     return watch
 
 
-def component_of_graph(layers: LayerTable, graph: str) -> set[str]:
-    return {l.component for l in layers.of_graph(graph)}
-
-
-__all__ = ["Layer", "LayerTable", "discover", "layer_modules", "kind_of", "COMPONENTS"]
+__all__ = ["Layer", "LayerTable", "discover", "layer_modules", "kind_of"]

@@ -46,13 +46,16 @@ class OnnxQuantReport:
     graph: str
     nodes: dict[str, tuple[str, str]] = field(default_factory=dict)  # node -> (layer, scheme label)
     gemm_rewritten: int = 0
-    bytes_before: int = 0
+    bytes_before: int = 0  # whole file (+ .data)
     bytes_after: int = 0
+    tensor_bytes_before: int = 0  # initializers only: what the scheme changes
+    tensor_bytes_after: int = 0
     ops: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"graph": self.graph, "gemm_rewritten": self.gemm_rewritten, "bytes_before": self.bytes_before,
-                "bytes_after": self.bytes_after, "ops": self.ops,
+                "bytes_after": self.bytes_after, "tensor_bytes_before": self.tensor_bytes_before,
+                "tensor_bytes_after": self.tensor_bytes_after, "ops": self.ops,
                 "nodes": {n: {"layer": l, "scheme": s} for n, (l, s) in self.nodes.items()}}
 
 
@@ -203,6 +206,30 @@ def _fp16_weights(model, nodes: Iterable[tuple[str, int]]) -> None:
     _drop_unused_initializers(model)
 
 
+def _unshare_activation_qdq(model, quantized: set[str]) -> int:
+    """Give the float tensor back to the consumers that are not quantized layers.
+
+    quantize_static puts Q->DQ on a *tensor*, and every consumer then reads the dequantized copy:
+    in the residual graphs ``phi(h) = (1 - r) h + r conv(h)`` the ``(1 - r) h`` term would be
+    computed from the int8-rounded ``h`` too. The scheme means int8 inputs of the quantized layers
+    (what the eager reference does), so other consumers are rewired to the original tensor.
+    """
+    inits = _initializers(model)
+    q_src = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"
+             and n.input[0] not in inits}
+    dq_src = {n.output[0]: q_src[n.input[0]] for n in model.graph.node if n.op_type == "DequantizeLinear"
+              and n.input[0] in q_src}
+    count = 0
+    for node in model.graph.node:
+        if node.name in quantized or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, name in enumerate(node.input):
+            if name in dq_src:
+                node.input[i] = dq_src[name]
+                count += 1
+    return count
+
+
 class _Reader:
     """A CalibrationDataReader over recorded feeds (only the inputs the graph declares)."""
 
@@ -251,6 +278,20 @@ def _load(path: Path):
     return onnx.load(str(path))
 
 
+def initializer_bytes(path: Path) -> int:
+    """Bytes of the stored tensors (weights, scales): the file minus graph structure and metadata."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            total += int(next((e.value for e in t.external_data if e.key == "length"), 0))
+        else:
+            total += t.ByteSize()
+    return total
+
+
 def file_bytes(path: Path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
@@ -268,7 +309,7 @@ def quantize_onnx_graph(path: Path, graph: str, weights: Mapping[str, tuple[str,
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    report = OnnxQuantReport(graph, bytes_before=file_bytes(path))
+    report = OnnxQuantReport(graph, bytes_before=file_bytes(path), tensor_bytes_before=initializer_bytes(path))
     model = _load(path)
     report.gemm_rewritten = gemm_to_matmul(model)
     nodes = map_nodes(model, weights, scheme_of)
@@ -279,26 +320,38 @@ def quantize_onnx_graph(path: Path, graph: str, weights: Mapping[str, tuple[str,
         groups.setdefault(s.name, []).append(node)
     input_names = [i.name for i in model.graph.input]
 
+    large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+
+    def save_tmp(m, dst: Path) -> None:  # protobuf cannot hold more than 2 GB: weights beside it then
+        if large:
+            onnx.save_model(m, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=dst.name + ".data")
+        else:
+            onnx.save_model(m, str(dst))
+
     with tempfile.TemporaryDirectory() as td, _quiet():
         work = Path(td)
         if groups.get("w8a8_static"):
             if calibration is None:
                 raise HartkitError(f"graph {graph}: w8a8_static needs calibration inputs")
             src, dst = work / "in.onnx", work / "static.onnx"
-            onnx.save_model(model, str(src))
+            save_tmp(model, src)
             quantize_static(
                 str(src), str(dst), _reader(calibration(), input_names), quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=["MatMul", "Conv"], per_channel=True, activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8, nodes_to_quantize=groups["w8a8_static"],
                 extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul", "Conv"], "QuantizeBias": False,
                                "ActivationSymmetric": False, "WeightSymmetric": True},
+                use_external_data_format=large,
             )
             model = _load(dst)
+            _unshare_activation_qdq(model, set(groups["w8a8_static"]))
         if groups.get("w8a8"):
-            src, dst = work / "in.onnx", work / "dynamic.onnx"
-            onnx.save_model(model, str(src))
+            src, dst = work / "in2.onnx", work / "dynamic.onnx"
+            save_tmp(model, src)
             quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Conv"], per_channel=True,
-                             weight_type=QuantType.QInt8, nodes_to_quantize=groups["w8a8"])
+                             weight_type=QuantType.QInt8, nodes_to_quantize=groups["w8a8"],
+                             use_external_data_format=large)
             model = _load(dst)
         nbits: dict[tuple[int, int], list[str]] = {}
         for name in ("int4", "int8"):
@@ -322,6 +375,7 @@ def quantize_onnx_graph(path: Path, graph: str, weights: Mapping[str, tuple[str,
     _check_all_applied(model, groups, graph)
     _save(model, path)
     report.bytes_after = file_bytes(path)
+    report.tensor_bytes_after = initializer_bytes(path)
     for n in model.graph.node:
         report.ops[n.op_type] = report.ops.get(n.op_type, 0) + 1
     return report

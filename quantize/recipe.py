@@ -162,9 +162,11 @@ class Recipe:
 
 
 def _check_keys(data: Mapping, allowed, what: str) -> None:
+    """``what`` is 'where: kind of key' -> 'where: unknown kind of key 'x' (did you mean ...)'."""
+    where, _, kind = what.rpartition(": ")
     for key in data:
         if key not in allowed:
-            raise UsageError(unknown(what, key, allowed))
+            raise UsageError((f"{where}: " if where else "") + unknown(kind, key, allowed))
 
 
 def _parse_section(data: Mapping, where: str) -> tuple[Scheme | None, dict[str, Scheme], list[tuple[str, Scheme]]]:

@@ -73,8 +73,9 @@ SUPPORT: dict[tuple[str, str], Cell] = {
     ("fp16", "onnx"): _cell("linear conv embedding",
                             "weights stored as float16 initializers + Cast to float32 (compute stays fp32; "
                             "onnxconverter-common is not used)"),
-    ("int8", "onnx"): _cell("linear", "MatMulNBitsQuantizer(bits=8, symmetric, block = K rounded up to a power "
-                                      "of two: one scale per output channel)"),
+    ("int8", "onnx"): _cell("linear", "MatMulNBitsQuantizer(bits=8, symmetric; block = the largest power-of-two "
+                                      "divisor of K: one scale per output channel when K is a power of two, "
+                                      "e.g. 3 per channel for K=1536)"),
     ("int4", "onnx"): _cell("linear", "MatMulNBitsQuantizer(bits=4, symmetric, block_size = group size)"),
     ("w8a8", "onnx"): _cell("linear conv", "quantize_dynamic(per_channel=True, weight_type=QInt8): "
                                            "MatMulInteger/ConvInteger, uint8 per-tensor activations", exact=False),
@@ -83,14 +84,17 @@ SUPPORT: dict[tuple[str, str], Cell] = {
     # ExecuTorch: torchao configs on the wrapper modules before torch.export, lowered to XNNPACK.
     ("fp32", "executorch"): _cell("linear conv embedding", "export as is"),
     ("fp16", "executorch"): _cell("linear conv embedding",
-                                  "layer weights in float16, the layer computes in float16 between casts"),
+                                  "weights stored in float16, read as float32 by a parametrization (a cast in the "
+                                  "program; compute stays fp32)"),
     ("8da8w", "executorch"): _cell("linear", "torchao Int8DynamicActivationIntxWeightConfig(int8, PerAxis(0))",
                                    exact=False),
     ("8da4w", "executorch"): _cell("linear", "torchao Int8DynamicActivationIntxWeightConfig(int4, PerGroup(g))",
                                    exact=False),
     # Core ML: coremltools.optimize.coreml on the converted packages.
-    ("fp32", "coreml"): _cell("linear conv embedding", "export as is"),
-    ("fp16", "coreml"): _cell("linear conv embedding", "float16 weights"),
+    # The Core ML exporter always converts with compute_precision=FLOAT16: fp32 and fp16 both give
+    # fp16 weights and fp16 compute there (the plan says so in its notes).
+    ("fp32", "coreml"): _cell("linear conv embedding", "export as is (the Core ML exporter computes in float16)"),
+    ("fp16", "coreml"): _cell("linear conv embedding", "float16 weights and compute (the exporter's default)"),
     ("int8", "coreml"): _cell("linear conv embedding",
                               "OpLinearQuantizerConfig(linear_symmetric, int8, per_channel)"),
     ("int4", "coreml"): _cell("linear conv embedding",

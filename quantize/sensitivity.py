@@ -501,10 +501,10 @@ def plot(report: SensitivityReport, path: Path, top: int = 30) -> Path:
     ax1.set_xscale("log")
     ax1.set_xlabel(f"error with only this {report.granularity} at {report.low} (NMSE; logits where upstream of them)")
     ax1.set_title(f"most sensitive {report.granularity}s ({report.fmt}, {report.prompts} prompts)")
-    for comp, c in colors.items():
-        if any(u.component == comp for u in units):
-            ax1.barh([], [], color=c, label=comp)
-    ax1.legend(fontsize=8, loc="lower right")
+    from matplotlib.patches import Patch
+
+    ax1.legend(handles=[Patch(color=c, label=comp) for comp, c in colors.items()
+                        if any(u.component == comp for u in units)], fontsize=8, loc="lower right")
     if report.curve:
         ax2.plot([p["mb"] for p in report.curve], [max(p["error"], 1e-12) for p in report.curve], "o-",
                  label=f"promote to {report.high}: most sensitive first")

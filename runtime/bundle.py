@@ -194,9 +194,15 @@ def verify_files(folder: Path, manifest: dict, report: VerifyReport) -> None:
                 report.fail(f"{fmt}: file listed for unknown graph {graph!r}")
 
 
-def verify_golden(folder: Path, manifest: dict, backend, report: VerifyReport) -> None:
-    """Run the recorded golden inputs of every graph on ``backend`` and compare within tolerance."""
-    golden = manifest.get("golden", {}).get("graphs", {})
+def verify_golden(folder: Path, manifest: dict, backend, report: VerifyReport, fmt: str | None = None) -> None:
+    """Run the recorded golden inputs of every graph on ``backend`` and compare within tolerance.
+
+    Quantized bundles keep per-format goldens (``golden.graphs.by_format``): the eager-quantized outputs.
+    """
+    golden = dict(manifest.get("golden", {}).get("graphs", {}))
+    by_format = golden.pop("by_format", None)
+    if by_format is not None:
+        golden = by_format.get(fmt, {}) if fmt else {}
     outputs = {g["name"]: [o["name"] for o in g["outputs"]] for g in manifest["graphs"]}
     for graph, entry in sorted(golden.items()):
         path = folder / _safe_relpath(entry["file"], MANIFEST)
@@ -259,8 +265,10 @@ def verify_bundle(folder: str | Path, backend: str | None = None) -> VerifyRepor
     if backend is not None and report.ok:
         from hartkit.runtime.backends import open_backend
 
+        from hartkit.runtime.backends import BACKEND_FORMAT
+
         runner = open_backend(folder, manifest, backend, {})
-        verify_golden(folder, manifest, runner, report)
+        verify_golden(folder, manifest, runner, report, BACKEND_FORMAT.get(backend))
         verify_loop(folder, manifest, backend, report)
     return report
 
