@@ -39,6 +39,8 @@ def train_script():
 
 @pytest.fixture(scope="module")
 def demo():
+    if not (DEMO / "llm" / "config.json").is_file():
+        pytest.skip("assets/demo is not shipped yet: the demo model's training run has not landed (issue 7)")
     model = load_hart(DEMO)
     encoder = TextEncoder.from_pretrained(DEMO / "text_model")
     return model, encoder
