@@ -10,7 +10,7 @@ HART and because the official checkpoint contains them.
 
 Differences from upstream, none numerical: every op is out-of-place (upstream uses
 ``silu(inplace=True)``, ``mul_``, ``add_``, ``clamp_`` and mutates ``f_hat``), nothing calls
-``.cuda()``, and phi is chosen through :meth:`HARTVAE.phi_index` rather than ``quant_resi[float]``.
+CUDA-only device calls, and phi is chosen through :meth:`HARTVAE.phi_index` rather than ``quant_resi[float]``.
 """
 
 from __future__ import annotations
