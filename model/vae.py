@@ -9,7 +9,7 @@ the decoder. The encoder and the residual quantization of an image are kept for 
 HART and because the official checkpoint contains them.
 
 Differences from upstream, none numerical: every op is out-of-place (upstream uses
-``silu(inplace=True)``, ``mul_``, ``add_``, ``clamp_`` and mutates ``f_hat``), nothing calls
+``silu(inplace=True)``, ``mul_``, ``add_``, ``clamp_`` and mutates ``f_hat``), nothing makes
 CUDA-only device calls, and phi is chosen through :meth:`HARTVAE.phi_index` rather than ``quant_resi[float]``.
 """
 
