@@ -28,6 +28,20 @@ def _seed(text: str) -> int:
     return value
 
 
+def _resolution(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"resolution must be a whole number of pixels, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"resolution must be positive, got {value}")
+    return value
+
+
+RESOLUTION_HELP = ("run the same weights on fewer scales, up to this image size in px (e.g. 256 for the "
+                   "1024 px model); the valid sizes are listed on error (default: the model's own)")
+
+
 def _cfg(text: str) -> float:
     from hartkit.model.sampler import MAX_CFG
 
@@ -62,14 +76,14 @@ def _text_model_dir(checkpoint: Path, text_model: str | None) -> Path:
 
 
 def _generate_images(checkpoint: Path, text_model: Path, prompts: list[str], seed: int, cfg: float,
-                     more_smooth: bool, top_p: float):
+                     more_smooth: bool, top_p: float, resolution: int | None = None):
     from tqdm import tqdm
 
     from hartkit.model.checkpoint import load_hart
     from hartkit.model.sampler import SamplerOptions, generate_from_prompts
     from hartkit.model.text_encoder import TextEncoder
 
-    model = load_hart(checkpoint)
+    model = load_hart(checkpoint, resolution=resolution)
     encoder = TextEncoder.from_pretrained(text_model)
     bar = tqdm(total=model.cfg.num_stages, desc="generating", unit="stage", file=sys.stderr)
     try:
@@ -98,6 +112,9 @@ def _save_images(images, out: Path) -> list[Path]:
 def cmd_generate(args: argparse.Namespace) -> int:
     if bool(args.checkpoint) == bool(args.exported):
         raise UsageError("give exactly one of --checkpoint DIR (PyTorch reference) or --exported DIR (runtime)")
+    if args.exported and args.resolution is not None:
+        raise UsageError("--resolution applies to --checkpoint; an export has its resolution fixed "
+                         "(export it with `hartkit export --resolution PX`)")
     if args.exported:
         images = _generate_exported(Path(args.exported), args.backend, _graph_backends(args.graph_backend),
                                     args.prompt, args.seed, args.cfg, not args.no_smooth, args.top_p)
@@ -105,7 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         checkpoint = Path(args.checkpoint)
         text_model = _text_model_dir(checkpoint, args.text_model)
         images = _generate_images(checkpoint, text_model, args.prompt, args.seed, args.cfg,
-                                  not args.no_smooth, args.top_p)
+                                  not args.no_smooth, args.top_p, args.resolution)
     for path in _save_images(images, Path(args.out)):
         print(f"wrote {path}")
     return 0
@@ -184,14 +201,40 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from hartkit.bench.run import format_report, run_bench
 
-    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
-    result = run_bench(args.checkpoint, args.bundle, backends, runs=args.runs, out=args.out,
-                       measure_memory=not args.no_memory)
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()] if args.backend else None
+    if bool(args.bundle) == bool(args.recipes):
+        raise UsageError("give --bundle DIR (one or more) or --recipes R1,R2 --work DIR (exports them first)")
+    bar = tqdm(desc="bench", unit="step", file=sys.stderr, bar_format="{desc}: {n_fmt} steps [{elapsed}] {postfix}")
+
+    def step(message: str) -> None:
+        bar.set_postfix_str(message)
+        bar.update(1)
+
+    try:
+        exports: list[dict] = []
+        bundles = args.bundle or []
+        if args.recipes:
+            from hartkit.bench.exports import prepare_bundles
+            from hartkit.export.exporter import parse_formats
+
+            if not args.work:
+                raise UsageError("--recipes needs --work DIR (where the bundles are exported and reused)")
+            recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+            bundles, exports = prepare_bundles(args.checkpoint, args.work, recipes, parse_formats(args.format),
+                                               args.resolution, progress=step)
+        elif args.resolution is not None:
+            raise UsageError("--resolution applies with --recipes (a bundle's resolution is fixed at export)")
+        result = run_bench(args.checkpoint, bundles, backends, runs=args.runs, out=args.out,
+                           measure_memory=not args.no_memory, exports=exports, progress=step)
+    finally:
+        bar.close()
     print(format_report(result))
     if args.out:
-        print(f"wrote {Path(args.out) / 'bench.json'} and bench.png")
+        print(f"wrote {Path(args.out) / 'bench.json'}, bench.md and bench.png")
     return 0
 
 
@@ -211,7 +254,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         result = export_checkpoint(args.checkpoint, args.out, formats, text_model=args.text_model,
                                    overwrite=args.force, progress=step,
                                    # quantization hook (issue 4): --recipe / --calibration
-                                   recipe=getattr(args, "recipe", None), calibration=getattr(args, "calibration", None))
+                                   recipe=getattr(args, "recipe", None), calibration=getattr(args, "calibration", None),
+                                   resolution=args.resolution)
     finally:
         bar.close()
     print(format_table(result.parity))
@@ -401,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     p.add_argument("--cfg", type=_cfg, default=4.5, help="classifier-free guidance scale (default: 4.5)")
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold, 0 = off (default, as upstream)")
+    p.add_argument("--resolution", type=_resolution, metavar="PX", help=RESOLUTION_HELP + " (with --checkpoint)")
     p.add_argument("--no-smooth", action="store_true",
                    help="hard codebook lookups instead of upstream's default Gumbel smoothing (more_smooth)")
     p.add_argument("--out", default="hartkit.png", help="output PNG path (default: hartkit.png)")
@@ -417,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "--bundle", dest="out", required=True, metavar="DIR",
                    help="output bundle folder (new or empty, unless --force); every export is a verified bundle")
     p.add_argument("--force", action="store_true", help="replace an existing export in OUT")
+    p.add_argument("--resolution", type=_resolution, metavar="PX", help=RESOLUTION_HELP)
     # --- quantization hook (issue 4): --recipe/--calibration here, `quantize` and `sensitivity` commands
     from hartkit.quantize.cli import add_export_options, add_parsers as add_quantize_parsers
 
@@ -430,13 +476,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per graph: median latency on each backend and in torch eager fp32 (ratios); end to end: the "
                     "runtime vs the torch reference sampler with a per-part breakdown; AR stages' achieved FLOP/s "
                     "over this machine's measured fp32 GEMM throughput; peak RSS of a generation; bundle bytes "
-                    "over the bit limit. Writes bench.json and bench.png with --out.")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="the checkpoint the bundle was exported from")
-    p.add_argument("--bundle", required=True, metavar="DIR", help="an export bundle")
-    p.add_argument("--backend", default="onnxruntime", help="comma-separated backends (default: onnxruntime)")
+                    "over the bit limit; with --recipes, each recipe's export time and peak memory. Writes bench.json, "
+                    "bench.md (the table) and bench.png with --out.")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="the checkpoint the bundles were exported from")
+    p.add_argument("--bundle", action="append", metavar="DIR", help="an export bundle (repeat for several)")
+    p.add_argument("--recipes", metavar="R1,R2",
+                   help="export these recipes first (fp32 = no quantization; e.g. fp32,laptop,phone) into --work")
+    p.add_argument("--format", default="onnx,executorch",
+                   help="with --recipes: formats to export (default: onnx,executorch)")
+    p.add_argument("--resolution", type=_resolution, metavar="PX", help="with --recipes: " + RESOLUTION_HELP)
+    p.add_argument("--work", metavar="DIR", help="with --recipes: bundle folder (bundles there are reused)")
+    p.add_argument("--backend", default=None,
+                   help="comma-separated backends to measure (default: every format in the bundles)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per measurement, after one warm-up (default: 3)")
-    p.add_argument("--out", metavar="DIR", help="write bench.json and bench.png here")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocess")
+    p.add_argument("--out", metavar="DIR", help="write bench.json, bench.md and bench.png here")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(

@@ -87,10 +87,12 @@ class BenchResult:
     ar_stages: list[dict] = field(default_factory=list)
     sizes: list[dict] = field(default_factory=list)
     memory: list[dict] = field(default_factory=list)
+    exports: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"machine": self.machine, "graphs": self.graphs, "end_to_end": self.end_to_end,
-                "ar_stages": self.ar_stages, "sizes": self.sizes, "memory": self.memory}
+        return {"machine": self.machine, "exports": self.exports, "graphs": self.graphs, "end_to_end": self.end_to_end,
+                "ar_stages": self.ar_stages, "sizes": self.sizes, "memory": self.memory, "notes": self.notes}
 
 
 def machine_info() -> dict:
@@ -103,6 +105,57 @@ def machine_info() -> dict:
             "gemm_fp32_flops": gemm_flops()}
 
 
+FORMAT_BACKEND = {"onnx": "onnxruntime", "executorch": "executorch", "coreml": "coreml"}
+
+
+@dataclass
+class Target:
+    """One bundle run on one backend: a column of the tables (``label`` = backend/recipe)."""
+
+    bundle: Path
+    manifest: dict
+    backend: str
+
+    @property
+    def recipe(self) -> str:
+        return (self.manifest.get("recipe") or {}).get("name", "fp32")
+
+    @property
+    def format(self) -> str:
+        return next(f for f, b in FORMAT_BACKEND.items() if b == self.backend)
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}/{self.recipe}"
+
+
+def targets_of(bundles: Sequence[Path], backends: Sequence[str] | None) -> tuple[list[Target], list[str]]:
+    """Every (bundle, backend) pair to measure, and notes on what was skipped."""
+    from hartkit.runtime.bundle import read_manifest
+
+    targets, notes = [], []
+    for bundle in bundles:
+        manifest = read_manifest(Path(bundle))
+        for fmt in manifest.get("files", {}):
+            backend = FORMAT_BACKEND.get(fmt)
+            if backend is None or (backends and backend not in backends):
+                continue
+            if backend == "coreml" and sys.platform != "darwin":
+                notes.append(f"{bundle}: coreml skipped (Core ML runs predictions only on macOS)")
+                continue
+            targets.append(Target(Path(bundle), manifest, backend))
+    if not targets:
+        from hartkit.errors import UsageError
+
+        raise UsageError(f"nothing to measure: no bundle holds a format for the backends {list(backends or [])}")
+    images = {t.manifest["loop"].get("image_size") for t in targets}
+    if len(images) > 1:
+        from hartkit.errors import UsageError
+
+        raise UsageError(f"the bundles were exported at different resolutions ({sorted(images)}): bench one at a time")
+    return targets, notes
+
+
 def _golden_inputs(bundle: Path, manifest: dict) -> dict[str, dict[str, np.ndarray]]:
     out = {}
     for graph, entry in manifest.get("golden", {}).get("graphs", {}).items():
@@ -113,32 +166,54 @@ def _golden_inputs(bundle: Path, manifest: dict) -> dict[str, dict[str, np.ndarr
     return out
 
 
-def bench_graphs(bundle: Path, manifest: dict, backends: Mapping[str, object], torch_backend,
-                 runs: int) -> list[dict]:
+def time_graphs(feeds_by_graph: Mapping[str, Mapping[str, np.ndarray]], backend, runs: int) -> dict[str, float]:
+    """Median seconds per graph call on its recorded (golden) inputs."""
+    return {graph: median_time(lambda g=graph, f=feeds: backend.run(g, f), runs=runs)
+            for graph, feeds in sorted(feeds_by_graph.items())}
+
+
+def graph_rows(baseline: Mapping[str, float], measured: Mapping[str, Mapping[str, float]]) -> list[dict]:
     rows = []
-    for graph, feeds in sorted(_golden_inputs(bundle, manifest).items()):
-        base = median_time(lambda: torch_backend.run(graph, feeds), runs=runs)
+    for graph, base in sorted(baseline.items()):
         row = {"graph": graph, "torch_eager_s": base}
-        for name, backend in backends.items():
-            t = median_time(lambda b=backend: b.run(graph, feeds), runs=runs)
-            row[f"{name}_s"] = t
-            row[f"{name}_speedup"] = base / t if t > 0 else None
+        for label, times in measured.items():
+            t = times.get(graph)
+            if t is None:
+                continue
+            row[f"{label}_s"] = t
+            row[f"{label}_speedup"] = base / t if t > 0 else None
         rows.append(row)
     return rows
 
 
-def bench_end_to_end(pipelines: Mapping[str, object], reference: Callable[[], object], runs: int,
-                     seed: int = 0) -> list[dict]:
-    base = median_time(reference, warmup=1, runs=runs)
-    rows = [{"pipeline": "torch eager fp32 (reference sampler)", "seconds": base, "speedup": 1.0}]
-    for name, pipe in pipelines.items():
-        timing = TimingBackend(pipe.backend)
-        pipe.backend = timing
-        t = median_time(lambda: pipe.generate(PROMPT, seed=seed), warmup=1, runs=runs)
-        last_calls = timing.calls[-len(timing.calls) // (runs + 1):]
+def time_generation(pipe, runs: int, seed: int = 0) -> tuple[float, dict, np.ndarray, object, list]:
+    """Median seconds of ``pipe.generate`` with the per-part breakdown of the last run, the image and
+    trace of that run, and its timed graph calls."""
+    timing = TimingBackend(pipe.backend)
+    pipe.backend = timing
+    try:
+        times, image, trace = [], None, None
+        for i in range(runs + 1):  # the first is the warm-up
+            timing.calls.clear()
+            t0 = time.perf_counter()
+            image, trace = pipe.generate(PROMPT, seed=seed)
+            if i:
+                times.append(time.perf_counter() - t0)
+        t = statistics.median(times)
+        return t, breakdown(timing.calls, times[-1]), image, trace, list(timing.calls)
+    finally:
         pipe.backend = timing.inner
-        rows.append({"pipeline": name, "seconds": t, "speedup": base / t, "breakdown": breakdown(last_calls, t)})
-    return rows
+
+
+def fidelity(image: np.ndarray, tokens: Sequence[np.ndarray], ref_image: np.ndarray,
+             ref_tokens: Sequence[np.ndarray]) -> dict:
+    """Image PSNR against the fp32 reference (same seed) and the first stage whose tokens differ."""
+    from hartkit.runtime.images import psnr
+
+    first = next((si for si, (a, b) in enumerate(zip(tokens, ref_tokens))
+                  if not np.array_equal(np.asarray(a).reshape(-1), np.asarray(b)[:1].reshape(-1))), None)
+    return {"psnr_vs_fp32_db": psnr(image, ref_image), "first_divergent_stage": first,
+            "tokens_identical": first is None}
 
 
 def ar_stage_efficiency(model_cfg, vocab_size: int, calls: Sequence[tuple[str, float, tuple]], peak: float) -> list[dict]:
@@ -165,101 +240,237 @@ def peak_rss_of_generation(bundle: Path, backend: str) -> int:
     return int(res.stdout.strip().splitlines()[-1]) * 1024  # Linux reports KiB
 
 
-def component_sizes(bundle: Path, manifest: dict, model) -> list[dict]:
-    """Bytes on disk per (format, component) against parameters x bits / 8."""
-    from hartkit.bench.flops import bit_limit_bytes
+def format_files(bundle: Path, manifest: dict, fmt: str) -> dict[str, str]:
+    """Every file of one format (relative path -> the component whose weights it holds, ``all`` when it
+    holds several): graph files, their ``.data`` companions, and shared weight files named
+    ``<component>...`` (anything else in the format's folder counts as ``all``)."""
+    from hartkit.quantize.schemes import COMPONENTS
 
-    params = {
+    graph_component = {g["name"]: g.get("weights", "") for g in manifest["graphs"]}
+    owner: dict[str, set[str]] = {}
+    for graph, rel in manifest.get("files", {}).get(fmt, {}).items():
+        owner.setdefault(rel, set()).add(graph_component.get(graph, ""))
+    out = {rel: (next(iter(c)) if len(c) == 1 else "all") for rel, c in owner.items()}
+    roots = tuple(sorted({rel.split("/", 1)[0] + "/" for rel in out}))
+    for art in manifest.get("artifacts", []):
+        rel = art["path"]
+        if rel in out or any(rel.startswith(r.rstrip("/") + "/") and r.rstrip("/") in out for r in out):
+            continue  # a graph file, or a file inside a graph's package folder
+        if not rel.startswith(roots):
+            continue
+        base = next((g for g in out if rel.startswith(g + ".")), None)  # <graph file>.data
+        name = rel.rsplit("/", 1)[-1]
+        comp = out[base] if base else next((c for c in COMPONENTS if name.startswith(c)), "all")
+        out[rel] = comp
+    return out
+
+
+def _path_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+def format_bytes(bundle: Path, manifest: dict, fmt: str) -> int:
+    """Bytes of one format's files, each file once (shared weight files included once)."""
+    return sum(_path_bytes(bundle / rel) for rel in format_files(bundle, manifest, fmt))
+
+
+def component_bits(manifest: dict, fmt: str) -> dict[str, float]:
+    """Nominal bits per weight of each component in this format (the recipe's component scheme;
+    per-layer overrides such as an int8 head in an int4 recipe are not counted)."""
+    from hartkit.quantize.schemes import COMPONENTS
+
+    recipe = manifest.get("recipe")
+    if not recipe:
+        return {c: 32.0 for c in COMPONENTS}
+    from hartkit.quantize.recipe import Recipe
+
+    default, components, _ = Recipe.load(recipe).for_format(fmt)
+    return {c: float((components.get(c) or default).bits) if (components.get(c) or default) else 32.0
+            for c in COMPONENTS}
+
+
+def component_params(model, encoder) -> dict[str, int]:
+    return {
+        "text_encoder": sum(p.numel() for p in encoder.parameters()),
         "ar_transformer": model.transformer.num_parameters(include_diffusion=False),
         "diffusion_head": sum(p.numel() for p in model.transformer.diffloss.parameters()),
         "vae": sum(p.numel() for n, p in model.vae.named_parameters() if not n.startswith(("encoder.", "quant_conv."))),
     }
-    recipe = manifest.get("recipe") or {}
-    graph_component = {g["name"]: g.get("weights", "") for g in manifest["graphs"]}
+
+
+def component_sizes(bundle: Path, manifest: dict, params: Mapping[str, int]) -> list[dict]:
+    """Bytes on disk per (format, component) against parameters x bits / 8 (see :func:`format_files`;
+    a file holding several components is reported as ``all`` against the sum of their limits)."""
+    from hartkit.bench.flops import bit_limit_bytes
+
+    recipe = (manifest.get("recipe") or {}).get("name", "fp32")
     rows = []
-    for fmt, files in manifest.get("files", {}).items():
+    for fmt in manifest.get("files", {}):
+        bits = component_bits(manifest, fmt)
         per: dict[str, int] = {}
-        seen = set()
-        for graph, rel in files.items():
-            if rel in seen:
-                continue
-            seen.add(rel)
-            size = sum(p.stat().st_size for p in (bundle / rel).rglob("*") if p.is_file()) if (bundle / rel).is_dir() \
-                else (bundle / rel).stat().st_size
-            per[graph_component.get(graph, "")] = per.get(graph_component.get(graph, ""), 0) + size
+        shared = manifest.get("onnx_weights", {}).get("component_bytes") if fmt == "onnx" else None
+        if shared:  # ONNX graphs read one shared weights file: the exporter counted each component's ranges
+            per = {c: int(b) for c, b in shared.items()}
+        else:
+            for rel, comp in format_files(bundle, manifest, fmt).items():
+                per[comp] = per.get(comp, 0) + _path_bytes(bundle / rel)
         for comp, size in sorted(per.items()):
-            if comp not in params:
+            if comp == "all":
+                limit = sum(bit_limit_bytes(params[c], bits[c]) for c in params)
+                b = 8 * limit / sum(params.values())
+            elif comp in params:
+                b = bits[comp]
+                limit = bit_limit_bytes(params[comp], b)
+            else:
                 continue
-            bits = float(recipe.get("bits", {}).get(comp, 32)) if isinstance(recipe.get("bits"), dict) else 32.0
-            limit = bit_limit_bytes(params[comp], bits)
-            rows.append({"format": fmt, "component": comp, "bytes": size, "bits": bits, "bit_limit_bytes": limit,
-                         "ratio_to_limit": size / limit})
+            rows.append({"recipe": recipe, "format": fmt, "component": comp, "bytes": size, "bits": b,
+                         "bit_limit_bytes": limit, "ratio_to_limit": size / limit})
     return rows
 
 
 def format_report(result: BenchResult) -> str:
     lines = [f"fp32 GEMM throughput: {result.machine.get('gemm_fp32_flops', 0) / 1e9:.1f} GFLOP/s "
              f"({result.machine.get('torch_threads')} threads)"]
+    for row in result.exports:
+        lines.append(f"export {row['recipe']:8} {','.join(row['formats']):18} {row['seconds']:8.1f} s  "
+                     f"peak RSS {row['peak_rss_bytes'] / 1e9:6.2f} GB" + ("  (reused)" if row.get("reused") else ""))
     if result.graphs:
         keys = [k[:-2] for k in result.graphs[0] if k.endswith("_s") and k != "torch_eager_s"]
-        lines.append(f"{'graph':24} {'torch ms':>9} " + " ".join(f"{k + ' ms':>14} {'x':>5}" for k in keys))
+        lines.append(f"{'graph':22} {'torch ms':>10} " + " ".join(f"{k:>22}" for k in keys))
         for row in result.graphs:
-            cells = " ".join(f"{row[k + '_s'] * 1e3:14.2f} {row[k + '_speedup']:5.2f}" for k in keys)
-            lines.append(f"{row['graph']:24} {row['torch_eager_s'] * 1e3:9.2f} {cells}")
+            cells = " ".join(f"{row[k + '_s'] * 1e3:12.2f} ms x{row[k + '_speedup']:5.2f}" if k + "_s" in row
+                             else f"{'-':>22}" for k in keys)
+            lines.append(f"{row['graph']:22} {row['torch_eager_s'] * 1e3:10.2f} {cells}")
     for row in result.end_to_end:
         extra = ""
         if "breakdown" in row:
             b = row["breakdown"]
             extra = "  (" + ", ".join(f"{k} {v:.2f}s" for k, v in b.items() if k != "total") + ")"
-        lines.append(f"end to end: {row['pipeline']:40} {row['seconds']:.3f}s  x{row['speedup']:.2f}{extra}")
+        if "psnr_vs_fp32_db" in row:
+            extra += (f"  PSNR vs fp32 {row['psnr_vs_fp32_db']:.1f} dB, tokens "
+                      + ("identical" if row["tokens_identical"] else f"differ from stage {row['first_divergent_stage']}"))
+        lines.append(f"end to end: {row['pipeline']:38} {row['seconds']:8.3f}s  x{row['speedup']:.2f}{extra}")
     for row in result.ar_stages:
-        lines.append(f"AR stage {row['si']:2d}: {row['gflop']:9.3f} GFLOP in {row['seconds'] * 1e3:8.2f} ms = "
-                     f"{row['fraction_of_gemm_peak'] * 100:5.1f}% of GEMM peak")
+        lines.append(f"AR stage {row['si']:2d} ({row['pipeline']}): {row['gflop']:9.3f} GFLOP in "
+                     f"{row['seconds'] * 1e3:9.2f} ms = {row['fraction_of_gemm_peak'] * 100:5.1f}% of GEMM peak")
     for row in result.sizes:
-        lines.append(f"size {row['format']:10} {row['component']:15} {row['bytes'] / 1e6:9.2f} MB = "
+        lines.append(f"size {row['recipe']:8} {row['format']:10} {row['component']:15} {row['bytes'] / 1e6:10.2f} MB = "
                      f"{row['ratio_to_limit']:.2f}x the {row['bits']:g}-bit limit")
     for row in result.memory:
-        lines.append(f"peak RSS ({row['backend']}): {row['peak_rss_bytes'] / 1e6:.1f} MB")
+        lines.append(f"peak RSS {row['pipeline']:30} {row['peak_rss_bytes'] / 1e6:10.1f} MB = "
+                     f"{row['ratio_to_limit']:.2f}x (bundle {row['bundle_bytes'] / 1e6:.1f} MB + KV cache "
+                     f"{row['kv_cache_bytes'] / 1e6:.1f} MB)")
+    for note in result.notes:
+        lines.append(f"note: {note}")
     return "\n".join(lines)
 
 
-def run_bench(checkpoint: str | Path, bundle: str | Path, backends: Sequence[str] = ("onnxruntime",),
-              runs: int = 3, out: str | Path | None = None, measure_memory: bool = True) -> BenchResult:
+def run_bench(checkpoint: str | Path, bundles: str | Path | Sequence[str | Path],
+              backends: Sequence[str] | None = None, runs: int = 3, out: str | Path | None = None,
+              measure_memory: bool = True, exports: Sequence[dict] = (),
+              progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Measure every (bundle, backend) against torch eager fp32 of ``checkpoint`` in one process.
+
+    Bundles are opened one at a time (so a 0.7B model's sessions are never all resident at once);
+    the torch baselines are measured once, first."""
+    import gc
+
+    from hartkit.bench.flops import kv_cache_bytes
     from hartkit.model.checkpoint import load_hart
     from hartkit.model.sampler import generate_from_prompts
     from hartkit.model.text_encoder import TextEncoder
-    from hartkit.runtime.backends import TorchBackend, open_backend
-    from hartkit.runtime.bundle import read_manifest
+    from hartkit.runtime.backends import TorchBackend
     from hartkit.runtime.pipeline import Pipeline
 
-    checkpoint, bundle = Path(checkpoint), Path(bundle)
-    manifest = read_manifest(bundle)
-    model = load_hart(checkpoint)
+    say = progress or (lambda _m: None)
+    checkpoint = Path(checkpoint)
+    if isinstance(bundles, (str, Path)):
+        bundles = [bundles]
+    targets, notes = targets_of([Path(b) for b in bundles], backends)
+    first = targets[0].manifest
+    model = load_hart(checkpoint, resolution=first["loop"].get("image_size"))
     encoder = TextEncoder.from_pretrained(checkpoint / "text_model")
-    torch_backend, _ = TorchBackend.from_model(model, encoder, manifest["loop"]["system_length"])
-    result = BenchResult(machine=machine_info())
-    opened = {name: open_backend(bundle, manifest, name, {}) for name in backends}
-    result.graphs = bench_graphs(bundle, manifest, opened, torch_backend, runs)
-    pipes = {name: Pipeline.from_exported(bundle, backend=name) for name in backends}
-    result.end_to_end = bench_end_to_end(
-        pipes, lambda: generate_from_prompts(model, encoder, [PROMPT], seed=0), runs)
-    timing = TimingBackend(next(iter(pipes.values())).backend) if pipes else None
-    if timing is not None:
-        pipe = next(iter(pipes.values()))
-        pipe.backend = timing
-        pipe.generate(PROMPT, seed=0)
-        result.ar_stages = ar_stage_efficiency(model.cfg, model.vocab_size, timing.calls,
-                                               result.machine["gemm_fp32_flops"])
-    result.sizes = component_sizes(bundle, manifest, model)
-    if measure_memory:
-        for name in backends:
-            result.memory.append({"backend": name, "peak_rss_bytes": peak_rss_of_generation(bundle, name)})
+    torch_backend, _ = TorchBackend.from_model(model, encoder, first["loop"]["system_length"])
+    result = BenchResult(machine=machine_info(), exports=list(exports), notes=notes)
+
+    say("torch eager fp32: graphs")
+    baseline = time_graphs(_golden_inputs(targets[0].bundle, first), torch_backend, runs)
+    say("torch eager fp32: end to end")
+    ref_time = median_time(lambda: generate_from_prompts(model, encoder, [PROMPT], seed=0), warmup=1, runs=runs)
+    ref_images, ref_trace = generate_from_prompts(model, encoder, [PROMPT], seed=0)
+    result.end_to_end.append({"pipeline": "torch eager fp32 (reference sampler)", "seconds": ref_time, "speedup": 1.0})
+    params = component_params(model, encoder)
+    cfg, vocab = model.cfg, model.vocab_size
+    kv_bytes = kv_cache_bytes(cfg.patch_nums, cfg.context_token, cfg.embed_dim, cfg.depth)
+    del torch_backend
+    gc.collect()
+
+    measured: dict[str, dict[str, float]] = {}
+    for target in targets:
+        say(f"{target.label}: graphs")
+        pipe = Pipeline.from_exported(target.bundle, backend=target.backend)
+        measured[target.label] = time_graphs(_golden_inputs(target.bundle, target.manifest), pipe.backend, runs)
+        say(f"{target.label}: end to end")
+        t, parts, image, trace, calls = time_generation(pipe, runs)
+        result.end_to_end.append({"pipeline": target.label, "seconds": t, "speedup": ref_time / t, "breakdown": parts,
+                                  **fidelity(image, trace.tokens, ref_images[0], ref_trace.tokens)})
+        for row in ar_stage_efficiency(cfg, vocab, calls, result.machine["gemm_fp32_flops"]):
+            result.ar_stages.append({"pipeline": target.label, **row})
+        del pipe
+        gc.collect()
+        if measure_memory:
+            say(f"{target.label}: peak RSS")
+            rss = peak_rss_of_generation(target.bundle, target.backend)
+            bundle_bytes = format_bytes(target.bundle, target.manifest, target.format)
+            result.memory.append({"pipeline": target.label, "backend": target.backend, "peak_rss_bytes": rss,
+                                  "bundle_bytes": bundle_bytes, "kv_cache_bytes": kv_bytes,
+                                  "ratio_to_limit": rss / (bundle_bytes + kv_bytes)})
+    result.graphs = graph_rows(baseline, measured)
+    seen = set()
+    for target in targets:
+        if target.bundle not in seen:
+            seen.add(target.bundle)
+            result.sizes.extend(component_sizes(target.bundle, target.manifest, params))
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.json").write_text(json.dumps(result.to_json(), indent=2))
+        (out / "bench.md").write_text(markdown_table(result))
         _plot(result, out / "bench.png")
     return result
+
+
+def markdown_table(result: BenchResult) -> str:
+    """The table a person reads (and the README's): end to end, sizes, memory."""
+    m = result.machine
+    lines = [f"Machine: {m.get('processor', '?')}, {m.get('cpus', '?')} CPUs, torch threads {m.get('torch_threads')}, "
+             f"fp32 GEMM {m.get('gemm_fp32_flops', 0) / 1e9:.0f} GFLOP/s.", "",
+             "| pipeline | seconds | speed-up vs torch fp32 | text enc. | AR | diffusion head | VAE | host | "
+             "PSNR vs fp32 | tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result.end_to_end:
+        b = row.get("breakdown", {})
+        parts = " | ".join(f"{b[k]:.2f}" if k in b else "-" for k in ("text_encoder", "ar", "diffusion_head", "vae", "host"))
+        fid = (f"{row['psnr_vs_fp32_db']:.1f} dB | " + ("identical" if row["tokens_identical"]
+                                                         else f"differ from stage {row['first_divergent_stage']}")
+               if "psnr_vs_fp32_db" in row else "- | -")
+        lines.append(f"| {row['pipeline']} | {row['seconds']:.2f} | {row['speedup']:.2f}x | {parts} | {fid} |")
+    if result.sizes:
+        lines += ["", "| recipe | format | component | MB | bits | x bit limit |", "|---|---|---|---|---|---|"]
+        for r in result.sizes:
+            lines.append(f"| {r['recipe']} | {r['format']} | {r['component']} | {r['bytes'] / 1e6:.1f} | {r['bits']:g} | "
+                         f"{r['ratio_to_limit']:.2f} |")
+    if result.memory:
+        lines += ["", "| pipeline | peak RSS (MB) | bundle + KV cache (MB) | ratio |", "|---|---|---|---|"]
+        for r in result.memory:
+            lines.append(f"| {r['pipeline']} | {r['peak_rss_bytes'] / 1e6:.0f} | "
+                         f"{(r['bundle_bytes'] + r['kv_cache_bytes']) / 1e6:.0f} | {r['ratio_to_limit']:.2f} |")
+    if result.exports:
+        lines += ["", "| export | formats | seconds | peak RSS (GB) |", "|---|---|---|---|"]
+        for r in result.exports:
+            lines.append(f"| {r['recipe']} | {', '.join(r['formats'])} | {r['seconds']:.0f} | {r['peak_rss_bytes'] / 1e9:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _plot(result: BenchResult, path: Path) -> None:
@@ -276,13 +487,16 @@ def _plot(result: BenchResult, path: Path) -> None:
         names = [r["graph"] for r in result.graphs]
         for i, k in enumerate(keys):
             axes[0].barh([y + 0.8 * i / max(1, len(keys)) for y in range(len(names))],
-                         [r[f"{k}_speedup"] for r in result.graphs], height=0.8 / max(1, len(keys)), label=k)
+                         [r.get(f"{k}_speedup") or 0.0 for r in result.graphs], height=0.8 / max(1, len(keys)), label=k)
         axes[0].set_yticks(range(len(names)), names, fontsize=7)
         axes[0].axvline(1.0, color="k", lw=0.8)
         axes[0].set_xlabel("speed-up over torch eager fp32")
         axes[0].legend(fontsize=7)
     if result.ar_stages:
-        axes[1].plot([r["si"] for r in result.ar_stages], [100 * r["fraction_of_gemm_peak"] for r in result.ar_stages], "o-")
+        for label in dict.fromkeys(r["pipeline"] for r in result.ar_stages):
+            rows = [r for r in result.ar_stages if r["pipeline"] == label]
+            axes[1].plot([r["si"] for r in rows], [100 * r["fraction_of_gemm_peak"] for r in rows], "o-", label=label)
+        axes[1].legend(fontsize=7)
         axes[1].set_xlabel("AR stage")
         axes[1].set_ylabel("% of measured fp32 GEMM peak")
     fig.tight_layout()

@@ -9,10 +9,13 @@ following the public HART/VAR code (``hart_transformer_t2i.py: forward``, ``hart
 so loss weights and schedules are ours:
 
 1. **Hybrid tokenizer** (VAE encoder/decoder, multi-scale residual VQ with the phi convs): L1 + L2
-   reconstruction + VAR's VQ loss ``mean_s [beta * |sg(f_hat_s) - f|^2 + |f_hat_s - sg(f)|^2]``,
-   straight-through to the encoder. As HART's hybrid quantizer, the decoder sees the continuous
-   latent (discrete + residual = f) or the discrete-only f_hat, half of the time each (per sample
-   here, per batch upstream). No GAN, no perceptual loss.
+   reconstruction (shape pixels weighted ``1 + fg_weight``) + VAR's VQ loss
+   ``mean_s [beta * |sg(f_hat_s) - f|^2 + |f_hat_s - sg(f)|^2]``, straight-through to the encoder.
+   As HART's hybrid quantizer, the decoder sees the continuous latent (discrete + residual = f) or
+   the discrete-only f_hat, half of the time each (per sample here, per batch upstream). No GAN,
+   no perceptual loss. At this width (ch=32) every GroupNorm(32) of the full-resolution levels is a
+   per-channel instance norm, which makes flat colours slow to learn: the tokenizer needs several
+   thousand steps, and ``--tokenizer-only`` / ``--tokenizer-from`` let it be trained in stages.
 2. **Text features**: a tiny random Qwen2 (frozen, never trained) encodes every caption once, with
    HART's system prompt, exactly as :class:`~hartkit.model.text_encoder.TextEncoder` does at
    inference. Its tokenizer is a byte-level BPE trained on the captions (one token per word).
@@ -35,6 +38,10 @@ quantizer does apply it there); dead codebook entries are re-seeded from encoder
 
 Writes ``OUT/llm``, ``OUT/tokenizer`` (official layout, safetensors), ``OUT/text_model``,
 ``OUT/training.json`` (settings, losses, timings) and ``OUT/README.md``.
+
+On a shared machine prefer ``--threads 1``: with other jobs on the two cores, two torch threads
+spend most of their time waiting for each other (measured: 6 s vs 1.4 s per tokenizer step).
+``kill -USR1 <pid>`` ends the running phase early (the checkpoint is still written).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -62,7 +70,6 @@ from hartkit.model.sampler import filter_top_k_top_p
 from hartkit.model.text_encoder import TextEncoder, make_tiny_text_model
 from hartkit.validate import scenes
 
-REPRODUCE = "python examples/train_tiny_hart.py --out assets/demo"
 
 
 @dataclass
@@ -93,6 +100,11 @@ class TrainConfig:
     progress: bool = True
     tokenizer_from: str | None = None  # reuse a trained tokenizer (a checkpoint folder) and skip phase 1
     tokenizer_only: bool = False  # stop after phase 1 (the transformer stays untrained)
+    transformer_from: str | None = None  # continue training the transformer of a checkpoint folder
+    text_lr: float = 0.0  # 0: the text model stays frozen (HART); > 0: fine-tuned jointly at this rate
+    # Token weight of scale s in the CE: n_s ** -scale_weight, normalised to mean 1. 0 = uniform, as
+    # upstream; > 0 moves weight to the coarse scales, which carry what the caption says.
+    scale_weight: float = 0.0
 
     @classmethod
     def smoke(cls, out: str) -> "TrainConfig":
@@ -137,7 +149,7 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def image_size_of(spec: Preset) -> int:
@@ -190,15 +202,32 @@ def write_text_model(out: Path, spec: Preset, seed: int) -> Path:
     return out
 
 
-@torch.no_grad()
-def encode_captions(encoder: TextEncoder, captions: list[str], max_length: int) -> tuple[Tensor, Tensor]:
-    """Context features [N, T, D] and masks [N, T] of distinct captions, in batches."""
-    ctx, masks = [], []
-    for i in range(0, len(captions), 256):
-        c, m, _ = encoder.encode(captions[i : i + 256], max_length=max_length)
-        ctx.append(c)
-        masks.append(m)
-    return torch.cat(ctx), torch.cat(masks)
+class TextFeatures:
+    """Context features of the distinct training captions, laid out as ``TextEncoder.encode`` does
+    ([system prompt; caption] in, the caption's positions out). Frozen: computed once; trainable:
+    recomputed (with gradients) for every batch."""
+
+    def __init__(self, encoder: TextEncoder, captions: list[str], max_length: int, trainable: bool) -> None:
+        batch = encoder.tokenizer.encode(captions, max_length)
+        if batch.truncation_message():
+            raise ValueError(batch.truncation_message())
+        ids, attention = batch.text_model_inputs()
+        self.ids, self.attention = torch.from_numpy(ids), torch.from_numpy(attention)
+        self.mask = torch.from_numpy(batch.mask)
+        self.system_length = batch.system_length
+        self.encoder, self.trainable = encoder, trainable
+        encoder.requires_grad_(trainable)
+        if not trainable:
+            with torch.no_grad():
+                self.context = torch.cat([self._run(torch.arange(i, min(i + 512, len(captions))))
+                                          for i in range(0, len(captions), 512)])
+
+    def _run(self, rows: Tensor) -> Tensor:
+        return self.encoder(self.ids[rows], self.attention[rows])[:, self.system_length :].float()
+
+    def __call__(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """``(context [n, T, D], context_mask [n, T])`` of caption ids ``rows``."""
+        return (self._run(rows) if self.trainable else self.context[rows]), self.mask[rows]
 
 
 # ----------------------------------------------------------------------------- tokenizer training
@@ -486,7 +515,14 @@ def ar_losses(model: HART, context: Tensor, mask: Tensor, drop: Tensor, targets:
     h, _, _ = tr.blocks_forward(x, block_mods, cos, sin, None, None, attn_bias=bias)
 
     logits = tr.logits(h[:, T - 1 :], head_mod)  # the last context position predicts the 1x1 scale
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    ce_tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    ce = ce_tok.mean()
+    if cfg.scale_weight:
+        w = torch.cat([torch.full((n,), float(n) ** -cfg.scale_weight) for n in split])
+        w = (w / w.mean()).repeat(B)
+        ce_train = (ce_tok * w).mean()
+    else:
+        ce_train = ce
     with torch.no_grad():
         acc = (logits.argmax(-1) == targets).float().mean()
 
@@ -503,18 +539,24 @@ def ar_losses(model: HART, context: Tensor, mask: Tensor, drop: Tensor, targets:
     mul = tr.cfg.diffusion_batch_mul
     diff = diffusion(tr.diffloss.net, target.reshape(B * n_last, -1).repeat(mul, 1),
                      z.reshape(B * n_last, -1).repeat(mul, 1), gen)
-    return {"loss": ce + diff, "ce": ce, "diff": diff, "acc": acc}
+    return {"loss": ce_train + diff, "ce": ce, "diff": diff, "acc": acc}
 
 
-def train_transformer(model: HART, cap_ids: Tensor, context: Tensor, mask: Tensor, targets: Tensor,
+def train_transformer(model: HART, cap_ids: Tensor, text: TextFeatures, targets: Tensor,
                       f_rest_last: Tensor, cfg: TrainConfig, log: dict) -> None:
     tr = model.transformer.train()
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     decay, no_decay = [], []
     for name, p in tr.named_parameters():
         (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.ar_lr, betas=(0.9, 0.95))
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    params = list(tr.parameters())
+    if text.trainable:
+        text.encoder.train()
+        groups.append({"params": list(text.encoder.parameters()), "weight_decay": 0.0,
+                       "lr_scale": cfg.text_lr / cfg.ar_lr})
+        params += list(text.encoder.parameters())
+    opt = torch.optim.AdamW(groups, lr=cfg.ar_lr, betas=(0.9, 0.95))
     diffusion = DiffusionTrainingLoss()
     bias = block_causal_bias(tr)
     history = []
@@ -522,13 +564,12 @@ def train_transformer(model: HART, cap_ids: Tensor, context: Tensor, mask: Tenso
     for step in pbar:
         set_lr(opt, lr_at(step, cfg.ar_steps, cfg.ar_lr, cfg.warmup))
         rows = torch.randint(len(targets), (cfg.ar_batch,), generator=gen)
-        caps = cap_ids[rows]
+        context, mask = text(cap_ids[rows])
         drop = torch.rand(cfg.ar_batch, generator=gen) < tr.cfg.cond_drop_rate
-        out = ar_losses(model, context[caps], mask[caps], drop, targets[rows], f_rest_last[rows],
-                        diffusion, cfg, gen, bias)
+        out = ar_losses(model, context, mask, drop, targets[rows], f_rest_last[rows], diffusion, cfg, gen, bias)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(tr.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         if step % 20 == 0 or step == cfg.ar_steps - 1:
             rec = {k: float(v.detach()) for k, v in out.items()}
@@ -537,6 +578,7 @@ def train_transformer(model: HART, cap_ids: Tensor, context: Tensor, mask: Tenso
         if PhaseStop.check(log, "transformer", step):
             break
     tr.eval()
+    text.encoder.eval()
     log["transformer_history"] = history
 
 
@@ -566,6 +608,11 @@ def train(cfg: TrainConfig) -> Path:
 
     model = build_hart(spec.hart, spec.vae)
     init_transformer(model.transformer)
+    if cfg.transformer_from:  # continue from a transformer trained earlier (same preset)
+        from hartkit.model.checkpoint import load_hart
+
+        model.transformer.load_state_dict(load_hart(cfg.transformer_from).transformer.state_dict())
+        log["transformer_from"] = str(cfg.transformer_from)
     if cfg.tokenizer_from:  # continue from a tokenizer trained earlier (--vae-steps 0: reuse as is)
         from hartkit.model.checkpoint import load_hart
 
@@ -584,16 +631,24 @@ def train(cfg: TrainConfig) -> Path:
 
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         text_dir = write_text_model(tmp / "text_model", spec, cfg.seed)
+        if cfg.transformer_from:  # the text model that transformer was trained with (maybe fine-tuned)
+            shutil.copyfile(Path(cfg.transformer_from) / "text_model" / "model.safetensors",
+                            text_dir / "model.safetensors")
         encoder = TextEncoder.from_pretrained(text_dir)
         distinct = sorted(set(captions))
-        context, mask = encode_captions(encoder, distinct, spec.hart.context_token)
+        text = TextFeatures(encoder, distinct, spec.hart.context_token, trainable=cfg.text_lr > 0)
         index = {c: i for i, c in enumerate(distinct)}
         cap_ids = torch.tensor([index[c] for c in captions])
         t = lap("text_features", t)
 
         if not cfg.tokenizer_only:
-            train_transformer(model, cap_ids, context, mask, targets, f_rest_last, cfg, log)
+            train_transformer(model, cap_ids, text, targets, f_rest_last, cfg, log)
             t = lap("transformer", t)
+            if text.trainable:
+                from safetensors.torch import save_file
+
+                save_file({k: v.detach().contiguous() for k, v in encoder.state_dict().items()},
+                          str(text_dir / "model.safetensors"), metadata={"format": "pt"})
         model.eval()
         save_hart(model, tmp)
         log["timings_s"]["total"] = round(time.time() - t_start, 1)
@@ -604,6 +659,7 @@ def train(cfg: TrainConfig) -> Path:
             "text_model": sum(p.numel() for p in encoder.parameters()),
         }
         log["torch_version"] = torch.__version__
+        log["stages"] = previous_stages(cfg)  # the runs this one continued from
         (tmp / "training.json").write_text(json.dumps(log, indent=1) + "\n")
         (tmp / "README.md").write_text(model_card(cfg, spec, log))
     print(f"wrote {out} in {log['timings_s']['total']:.0f} s "
@@ -612,21 +668,53 @@ def train(cfg: TrainConfig) -> Path:
     return out
 
 
+def previous_stages(cfg_or_log: TrainConfig | dict) -> list[dict]:
+    """The training.json of every run this one continued from (tokenizer/transformer, recursively),
+    oldest first, without their own nested stages: the provenance of a staged model."""
+    config = asdict(cfg_or_log) if isinstance(cfg_or_log, TrainConfig) else cfg_or_log.get("config", {})
+    stages: list[dict] = []
+    for key in ("tokenizer_from", "transformer_from"):
+        folder = config.get(key)
+        path = Path(folder) / "training.json" if folder else None
+        if path is None or not path.is_file():
+            continue
+        prev = json.loads(path.read_text())
+        prev.pop("stages", None)
+        for stage in previous_stages(prev) + [prev]:
+            if stage not in stages:
+                stages.append(stage)
+    return stages
+
+
+def _stage_row(index: int, log: dict) -> str:
+    c, stopped = log["config"], log.get("stopped_early", {})
+    vae = stopped.get("tokenizer", c["vae_steps"])
+    ar = 0 if c.get("tokenizer_only") else stopped.get("transformer", c["ar_steps"])
+    tok = f"{vae} x {c['vae_batch']} ({c['vae_lr']:g}, {c.get('fg_weight', 0):g})" if vae else "-"
+    tr = f"{ar} x {c['ar_batch']} ({c['ar_lr']:g})" if ar else "-"
+    return (f"| {index} | {tok} | {tr} | {c['num_images']} | {c['threads']} |"
+            f" {log['timings_s'].get('total', 0) / 60:.1f} min |")
+
+
 def model_card(cfg: TrainConfig, spec: Preset, log: dict) -> str:
     """README.md of the checkpoint: what it is, how it was made, and (filled in by
     examples/eval_demo_model.py --update-readme) what it scores."""
     n = log["num_parameters"]
     tok = log["tokenizer_eval"]
-    t = log["timings_s"]
     hart, vae = spec.hart, spec.vae
-    command = REPRODUCE if cfg.preset == "demo" and cfg.out == "assets/demo" else (
-        f"python examples/train_tiny_hart.py --out {cfg.out}" + (" --smoke" if cfg.preset == "tiny" else ""))
+    command = f"python examples/train_tiny_hart.py --out {cfg.out}" + (" --smoke" if cfg.preset == "tiny" else "")
     defaults = TrainConfig()
-    changed = [f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
-               if k not in ("out", "progress", "overwrite") and getattr(defaults, k) != v and cfg.preset == "demo"]
-    if changed:
-        command += " " + " ".join(changed)
-    stopped = log.get("stopped_early")
+    for k, v in asdict(cfg).items():
+        if k not in ("out", "progress", "overwrite") and getattr(defaults, k) != v and cfg.preset == "demo":
+            command += f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+    stages = log.get("stages") or []
+    if stages:
+        intro = (f"This folder is the last of {len(stages) + 1} chained runs (each continues from the previous"
+                 " one's weights; `training.json` keeps every stage's settings and losses under \"stages\").")
+        if cfg.preset == "demo":
+            intro += " The whole chain is `examples/reproduce_demo.sh`; this run's own command:"
+    else:
+        intro = "Reproduce:"
     return "\n".join([
         f"# hartkit demo model ({cfg.preset} preset)",
         "",
@@ -638,7 +726,7 @@ def model_card(cfg: TrainConfig, spec: Preset, log: dict) -> str:
         "(hybrid VQ tokenizer), `text_model/` (a frozen *random* tiny Qwen2; its BPE is trained on the",
         "captions so each word is one token). Only the vocabulary of the scenes means anything to it.",
         "",
-        "Reproduce (seed fixed; float results vary slightly with the CPU and thread count):",
+        intro + " (seeds are fixed; float results vary slightly with the CPU and thread count)",
         "",
         "```bash",
         command,
@@ -656,12 +744,12 @@ def model_card(cfg: TrainConfig, spec: Preset, log: dict) -> str:
         f"| text model | Qwen2, hidden {spec.text.get('hidden_size')}, {spec.text.get('num_layers')} layers (frozen random) |"
         f" {n['text_model']:,} |",
         "",
-        f"Training ({cfg.threads} CPU thread(s), torch {log['torch_version']}): {cfg.num_images} training-split images;"
-        f" tokenizer {log.get('stopped_early', {}).get('tokenizer', cfg.vae_steps)} steps x {cfg.vae_batch},"
-        f" transformer {log.get('stopped_early', {}).get('transformer', cfg.ar_steps)} steps x {cfg.ar_batch};"
-        f" wall time {t.get('total', 0) / 60:.1f} min (tokenizer {t.get('tokenizer', 0) / 60:.1f},"
-        f" tokenizing {t.get('tokenize', 0) / 60:.1f}, transformer {t.get('transformer', 0) / 60:.1f})."
-        + (f" Phases ended early by SIGUSR1: {stopped}." if stopped else ""),
+        "Training runs (CPU; wall times on a 2-core machine shared with other jobs):",
+        "",
+        "| run | tokenizer steps x batch (lr, shape-pixel weight) | transformer steps x batch (lr) | images | threads | wall time |",
+        "|---|---|---|---|---|---|",
+        *[_stage_row(i + 1, stage) for i, stage in enumerate(stages + [log])],
+        "",
         f"Tokenizer PSNR on training images: {tok['psnr_discrete_db']:.2f} dB discrete-only,"
         f" {tok['psnr_hybrid_db']:.2f} dB hybrid. Losses and settings: `training.json`.",
         "",
@@ -682,10 +770,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     for name in ("seed", "threads", "num_images", "vae_steps", "vae_batch", "ar_steps", "ar_batch", "warmup",
                  "restart_every"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
-    for name in ("vae_lr", "ar_lr", "fg_weight"):
+    for name in ("vae_lr", "ar_lr", "fg_weight", "text_lr", "scale_weight"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
     p.add_argument("--preset", default=None)
     p.add_argument("--tokenizer-only", action="store_true", help="stop after training the tokenizer")
+    p.add_argument("--transformer-from", default=None, metavar="DIR",
+                   help="continue training DIR/llm (a checkpoint written by this script) instead of a fresh one")
     p.add_argument("--tokenizer-from", default=None, metavar="DIR",
                    help="reuse DIR/tokenizer (a checkpoint written by this script) instead of training one")
     args = p.parse_args(argv)

@@ -105,6 +105,7 @@ def export_checkpoint(
     seed: int = 0,
     recipe: "str | Path | dict | None" = None,
     calibration: "str | Path | Sequence[str] | None" = None,
+    resolution: int | None = None,
 ) -> ExportResult:
     from hartkit.model.checkpoint import atomic_dir, load_hart
     from hartkit.model.text_encoder import TextEncoder
@@ -120,7 +121,9 @@ def export_checkpoint(
 
     say = progress or (lambda _m: None)
     say("loading checkpoint")
-    model = load_hart(checkpoint)
+    # resolution: the same weights on fewer scales (load_hart); the manifest's loop section then
+    # carries the shorter patch_nums and the smaller image_size, so the runtime follows.
+    model = load_hart(checkpoint, resolution=resolution)
     encoder = TextEncoder.from_pretrained(text_dir)
     system_length = system_length_of(encoder.tokenizer, model.cfg.context_token)
     specs = hart_graph_specs(model, encoder, system_length)
@@ -153,7 +156,10 @@ def export_checkpoint(
                 files[fmt] = quant.export(fmt, specs, modules, tmp, say)
             else:
                 files[fmt] = _export_format(fmt, specs, modules, tmp, say)
+        shared = _share_onnx_weights(tmp, files["onnx"], specs, result, say) if "onnx" in files else None
         info = build_export_info(model, system_length, specs, files)
+        if shared is not None:
+            info["onnx_weights"] = shared
         _write_info(tmp, info)  # the backends below read it
         output_names = {s.name: [o.name for o in s.outputs] for s in specs}
         for fmt in formats:
@@ -214,6 +220,30 @@ def _write_info(folder: Path, info: dict) -> None:
     from hartkit.model.checkpoint import write_json
 
     write_json(folder / MANIFEST, info)
+
+
+def _share_onnx_weights(folder: Path, graph_files: dict[str, str], specs: list[GraphSpec], result: ExportResult,
+                        say) -> dict:
+    """Store every large ONNX initializer once, in ``onnx/weights.bin`` (see export/onnx_share.py).
+
+    Returns the stats for the manifest (``onnx_weights``), with ``component_bytes``: the bytes on disk
+    of each weight component's graphs, the shared ranges they read counted once."""
+    from hartkit.export.onnx_share import share_onnx_weights, stored_bytes
+
+    say("onnx: sharing weights between graphs")
+    stats = share_onnx_weights(folder / "onnx")
+    stats.pop("by_graph", None)
+    by_component: dict[str, list[str]] = {}
+    for spec in specs:
+        if spec.weights and spec.name in graph_files:
+            by_component.setdefault(spec.weights, []).append(spec.name)
+    stats["component_bytes"] = {c: stored_bytes(folder / graph_files[g] for g in graphs)
+                                for c, graphs in by_component.items()}
+    result.notes.append(
+        f"onnx: {stats['tensors']} initializers stored in onnx/{stats['file']} as {stats['unique_tensors']} "
+        f"unique tensors ({stats['shared_tensors']} copies shared); ONNX files "
+        f"{stats['bytes_before'] / 1e6:.2f} MB -> {stats['bytes_after'] / 1e6:.2f} MB")
+    return stats
 
 
 def _export_format(fmt: str, specs: list[GraphSpec], modules, folder: Path, say) -> dict[str, str]:

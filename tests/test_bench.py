@@ -2,7 +2,11 @@
 
 import json
 
+import numpy as np
+
+from hartkit.bench.exports import STATS
 from hartkit.cli import main
+from hartkit.runtime.bundle import read_manifest
 
 
 def test_bench_writes_json_and_a_plot(tiny_checkpoint, onnx_bundle, tmp_path, capsys):
@@ -13,13 +17,46 @@ def test_bench_writes_json_and_a_plot(tiny_checkpoint, onnx_bundle, tmp_path, ca
     assert data["machine"]["gemm_fp32_flops"] > 1e8
     graphs = {row["graph"] for row in data["graphs"]}
     assert {"ar_stage", "denoise", "vae_decode"} <= graphs
-    assert all(row["torch_eager_s"] > 0 and row["onnxruntime_s"] > 0 for row in data["graphs"])
+    assert all(row["torch_eager_s"] > 0 and row["onnxruntime/fp32_s"] > 0 for row in data["graphs"])
     e2e = data["end_to_end"]
-    assert e2e[0]["speedup"] == 1.0 and e2e[1]["pipeline"] == "onnxruntime"
+    assert e2e[0]["speedup"] == 1.0 and e2e[1]["pipeline"] == "onnxruntime/fp32"
     assert set(e2e[1]["breakdown"]) == {"text_encoder", "ar", "diffusion_head", "vae", "host", "total"}
+    # the fp32 export reproduces the reference sampler: same tokens, (nearly) the same image
+    assert e2e[1]["tokens_identical"] and e2e[1]["psnr_vs_fp32_db"] > 40
     assert len(data["ar_stages"]) == 6 and all(0 < r["fraction_of_gemm_peak"] for r in data["ar_stages"])
     sizes = {(r["format"], r["component"]): r for r in data["sizes"]}
     assert sizes[("onnx", "ar_transformer")]["bits"] == 32
-    assert data["memory"][0]["peak_rss_bytes"] > 10e6
+    mem = data["memory"][0]
+    assert mem["peak_rss_bytes"] > 10e6 and mem["ratio_to_limit"] == mem["peak_rss_bytes"] / (
+        mem["bundle_bytes"] + mem["kv_cache_bytes"])
     assert (tmp_path / "bench.png").is_file()
+    assert "| onnxruntime/fp32 |" in (tmp_path / "bench.md").read_text()
     assert "GEMM" in capsys.readouterr().out
+
+
+def test_bench_exports_recipes_at_a_lower_resolution_and_reuses_them(tiny_checkpoint, tmp_path, capsys):
+    """--recipes exports in a child process (time and peak memory measured), at --resolution the
+    loop runs fewer scales, and a second run reuses the bundle instead of exporting again."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = ["bench", "--checkpoint", str(tiny_checkpoint), "--recipes", "fp32", "--format", "onnx",
+            "--resolution", "16", "--work", str(work), "--runs", "1", "--no-memory", "--out", str(out)]
+    assert main(args) == 0
+    bundle = work / "fp32-16px"
+    manifest = read_manifest(bundle)
+    assert manifest["loop"]["image_size"] == 16 and manifest["loop"]["patch_nums"] == [1, 2, 3, 4]
+    data = json.loads((out / "bench.json").read_text())
+    (export,) = data["exports"]
+    assert export["recipe"] == "fp32" and export["seconds"] > 0 and export["peak_rss_bytes"] > 50e6
+    assert len(data["ar_stages"]) == 4  # one row per scale of the 16 px loop
+    assert data["end_to_end"][1]["tokens_identical"]
+    stamp = (bundle / "manifest.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (bundle / "manifest.json").stat().st_mtime_ns == stamp
+    assert json.loads((out / "bench.json").read_text())["exports"][0]["reused"] is True
+    assert json.loads((work / STATS).read_text())["fp32-16px"]["recipe"] == "fp32"
+
+
+def test_bench_refuses_bundles_and_recipes_together(tiny_checkpoint, tmp_path, capsys):
+    assert main(["bench", "--checkpoint", str(tiny_checkpoint), "--bundle", str(tmp_path), "--recipes", "fp32",
+                 "--work", str(tmp_path)]) == 2
+    assert "--bundle" in capsys.readouterr().err

@@ -67,6 +67,22 @@ def test_a_tampered_file_is_named(bundle_copy):
         Pipeline.from_bundle(bundle_copy)
 
 
+def test_a_corrupted_shared_weights_file_is_named(bundle_copy):
+    """The ONNX graphs read their weights from one shared file (export/onnx_share.py): it is an
+    artifact like the graphs, so flipping one of its bytes fails verification, naming it."""
+    path = bundle_copy / "onnx" / "weights.bin"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    report = verify_bundle(bundle_copy)
+    assert not report.ok
+    assert [p for p in report.problems if "onnx/weights.bin" in p and "sha256" in p] == report.problems
+    with pytest.raises(BundleError, match="weights.bin"):
+        Pipeline.from_bundle(bundle_copy)
+    path.unlink()
+    assert any("onnx/weights.bin: missing" in p for p in verify_bundle(bundle_copy).problems)
+
+
 def test_a_perturbed_graph_fails_the_golden_vectors(bundle_copy):
     """Rewrite one weight of the denoiser (and its hash, as an attacker or a broken build would)."""
     import onnx

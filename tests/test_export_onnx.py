@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +149,17 @@ def test_parity_failure_discards_the_export(tiny_checkpoint, tmp_path, monkeypat
     with pytest.raises(parity.ParityError, match="missed the parity bar"):
         export_checkpoint(tiny_checkpoint, tmp_path / "out", ["onnx"])
     assert not (tmp_path / "out").exists()
+
+
+def test_exported_graphs_carry_no_debug_metadata_or_local_paths(onnx_bundle):
+    """The exporter's stack traces (absolute source paths of the exporting machine) stay out of bundles."""
+    import onnx
+
+    bundle, _ = onnx_bundle
+    here = str(Path(__file__).resolve().parent.parent).encode()
+    files = sorted((bundle / "onnx").glob("*.onnx"))
+    assert files
+    for path in files:
+        assert here not in path.read_bytes(), f"{path.name} mentions {here.decode()}"
+        model = onnx.load(str(path), load_external_data=False)
+        assert not any(node.metadata_props for node in model.graph.node), path.name

@@ -195,6 +195,32 @@ def test_phone_export_passes_parity_and_records_its_recipe(phone_export):
     assert info["recipe"]["name"] == "phone"
 
 
+def test_phone_export_stores_each_quantized_weight_once(phone_export):
+    """onnxruntime's quantizers are deterministic: the same weight quantized in two graphs gives
+    byte-identical initializers, which the export's weight sharing stores once (onnx/weights.bin)."""
+    import onnx
+
+    from hartkit.export.onnx_share import SHARED_DATA, external_ranges
+
+    out, _ = phone_export
+    info = json.loads((out / "manifest.json").read_text())
+    onnx_dir = out / "onnx"
+    assert (onnx_dir / SHARED_DATA).is_file() and info["onnx_weights"]["shared_tensors"] > 0
+    ctx, stage = external_ranges(onnx_dir / "ar_context.onnx"), external_ranges(onnx_dir / "ar_stage.onnx")
+    assert ctx == stage and len(ctx) >= 4  # MatMulNBits weights and scales of both blocks, stored once
+    inline, ranges = 0, set()
+    for g in info["graphs"]:
+        if g["weights"] == "ar_transformer":
+            path = out / info["files"]["onnx"][g["name"]]
+            model = onnx.load(str(path), load_external_data=False)
+            inline += sum(len(t.raw_data) for t in model.graph.initializer
+                          if t.data_location != onnx.TensorProto.EXTERNAL)
+            ranges |= external_ranges(path)
+    stored = inline + sum(r.length for r in ranges)
+    estimate = info["quantization"]["formats"]["onnx"]["estimated_mb"]["ar_transformer"] * 1e6  # one copy
+    assert stored <= 1.15 * estimate, (stored, estimate)
+
+
 def test_a_quantized_bundle_verifies_against_its_own_quantized_goldens(phone_export):
     from hartkit.runtime.bundle import read_manifest, verify_bundle
 

@@ -1,0 +1,90 @@
+"""The bundles a bench measures, exported on demand: one per recipe, each in a fresh process so its
+wall time and peak memory (what a user needs to know before exporting 0.7B on a laptop) are measured
+alone. A bundle already in the work folder with the same recipe, formats and resolution is reused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from hartkit.errors import HartkitError
+
+STATS = "exports.json"  # beside the bundles (not inside: the bundle's checksums stay the bundle's)
+
+
+def bundle_dir(work: Path, recipe: str, resolution: int | None) -> Path:
+    return work / (f"{recipe}-{resolution}px" if resolution else recipe)
+
+
+def _matches(bundle: Path, recipe: str, formats: Sequence[str], resolution: int | None) -> bool:
+    path = bundle / "manifest.json"
+    if not path.is_file():
+        return False
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False
+    name = (manifest.get("recipe") or {}).get("name", "fp32")
+    size_ok = resolution is None or manifest.get("loop", {}).get("image_size") == resolution
+    return name == recipe and size_ok and set(formats) <= set(manifest.get("files", {}))
+
+
+def export_command(checkpoint: Path, out: Path, recipe: str, formats: Sequence[str],
+                   resolution: int | None) -> list[str]:
+    cmd = [sys.executable, "-m", "hartkit.cli", "export", "--checkpoint", str(checkpoint), "--format",
+           ",".join(formats), "--out", str(out), "--force"]
+    if recipe != "fp32":  # fp32 = the plain export (no quantization pass)
+        cmd += ["--recipe", recipe]
+    if resolution:
+        cmd += ["--resolution", str(resolution)]
+    return cmd
+
+
+def run_measured(cmd: list[str], log: Path) -> tuple[float, int, int]:
+    """(seconds, peak RSS bytes, exit code) of one child process (its own rusage via wait4)."""
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - t0, usage.ru_maxrss * 1024, proc.returncode  # Linux: KiB
+
+
+def prepare_bundles(checkpoint: str | Path, work: str | Path, recipes: Sequence[str], formats: Sequence[str],
+                    resolution: int | None = None, progress: Callable[[str], None] | None = None
+                    ) -> tuple[list[Path], list[dict]]:
+    """Export (or reuse) one bundle per recipe under ``work``; returns the bundles and the export stats."""
+    say = progress or (lambda _m: None)
+    checkpoint, work = Path(checkpoint), Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    stats_path = work / STATS
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    bundles, rows = [], []
+    for recipe in recipes:
+        out = bundle_dir(work, recipe, resolution)
+        key = out.name
+        if _matches(out, recipe, formats, resolution) and key in stats:
+            say(f"reusing {out}")
+            rows.append({**stats[key], "reused": True})
+            bundles.append(out)
+            continue
+        say(f"exporting {recipe} ({', '.join(formats)}) -> {out}")
+        log = work / f"{key}.export.log"
+        seconds, rss, code = run_measured(export_command(checkpoint, out, recipe, formats, resolution), log)
+        if code != 0:
+            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+            raise HartkitError(f"export of recipe {recipe!r} failed (exit {code}); see {log}:\n" + "\n".join(tail))
+        row = {"recipe": recipe, "formats": list(formats), "resolution": resolution, "seconds": seconds,
+               "peak_rss_bytes": rss, "bundle": str(out)}
+        stats[key] = row
+        tmp = stats_path.with_name(STATS + ".tmp")
+        tmp.write_text(json.dumps(stats, indent=2))
+        os.replace(tmp, stats_path)
+        rows.append(row)
+        bundles.append(out)
+    return bundles, rows
