@@ -376,9 +376,8 @@ def _add_validate_parser(sub) -> None:
                     "OUT/report.json and OUT/report.html. Exit 0 when every bundle clears every bar, 1 when not.",
         epilog="thresholds (NAME, default, meaning):\n" + describe())
     p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle folder(s); several give a parity matrix")
-    p.add_argument("--checkpoint", metavar="DIR",
-                   help="the checkpoint the bundles were exported from (default: the one their manifest records)")
-    p.add_argument("--text-model", metavar="DIR", help="Qwen2 text model folder (default: DIR/text_model)")
+    add_checkpoint_options(
+        p, checkpoint_help="the checkpoint the bundles were exported from (default: the one their manifest records)")
     p.add_argument("--backend", choices=["onnxruntime", "executorch", "coreml"],
                    help="run only this backend's format (default: every format the bundle holds that runs here)")
     p.add_argument("--graph-backend", action="append", metavar="GRAPH=BACKEND",
@@ -398,6 +397,22 @@ def _add_validate_parser(sub) -> None:
 
 
 # ----------------------------------------------------------------------------- parser
+
+
+def add_checkpoint_options(p: argparse.ArgumentParser, *, required: bool = False,
+                           checkpoint_help: str = "folder with llm/ and tokenizer/") -> None:
+    """``--checkpoint DIR`` and ``--text-model DIR`` (generate, export, validate, quantize, sensitivity)."""
+    p.add_argument("--checkpoint", required=required, metavar="DIR", help=checkpoint_help)
+    p.add_argument("--text-model", metavar="DIR", help="Qwen2 text model folder (default: DIR/text_model)")
+
+
+def add_bundle_options(p: argparse.ArgumentParser, *, required: bool, out_help: str,
+                       out_aliases: tuple[str, ...] = ()) -> None:
+    """What ``export`` and ``quantize`` share: the checkpoint, ``--format``, ``--out`` and ``--force``."""
+    add_checkpoint_options(p, required=required)
+    p.add_argument("--format", default="onnx", help="comma-separated: onnx,executorch,coreml (default: onnx)")
+    p.add_argument("--out", *out_aliases, dest="out", required=required, metavar="DIR", help=out_help)
+    p.add_argument("--force", action="store_true", help="replace an existing export in OUT")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -433,8 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate images from a checkpoint folder",
         description="Generate an image with the PyTorch reference sampler from a checkpoint in HART's "
                     "official layout (DIR/llm, DIR/tokenizer). The same seed gives the same image.")
-    p.add_argument("--checkpoint", metavar="DIR", help="folder with llm/ and tokenizer/ (PyTorch reference sampler)")
-    p.add_argument("--text-model", metavar="DIR", help="Qwen2 text model folder (default: DIR/text_model)")
+    add_checkpoint_options(p, checkpoint_help="folder with llm/ and tokenizer/ (PyTorch reference sampler)")
     p.add_argument("--exported", metavar="DIR", help="an export folder from `hartkit export` (torch-free runtime)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "executorch", "coreml"],
                    help="runtime backend with --exported (default: onnxruntime)")
@@ -456,12 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cut HART into pure graphs (text encoder, condition, AR stages, head, residual update, "
                     "diffusion denoiser, VAE decoder), export them, and check every graph against PyTorch on "
                     "inputs recorded from the reference loop. The folder is written only if all checks pass.")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="folder with llm/ and tokenizer/")
-    p.add_argument("--text-model", metavar="DIR", help="Qwen2 text model folder (default: DIR/text_model)")
-    p.add_argument("--format", default="onnx", help="comma-separated: onnx,executorch,coreml (default: onnx)")
-    p.add_argument("--out", "--bundle", dest="out", required=True, metavar="DIR",
-                   help="output bundle folder (new or empty, unless --force); every export is a verified bundle")
-    p.add_argument("--force", action="store_true", help="replace an existing export in OUT")
+    add_bundle_options(
+        p, required=True, out_aliases=("--bundle",),
+        out_help="output bundle folder (new or empty, unless --force); every export is a verified bundle")
     p.add_argument("--resolution", type=_resolution, metavar="PX", help=RESOLUTION_HELP)
     # --- quantization hook (issue 4): --recipe/--calibration here, `quantize` and `sensitivity` commands
     from hartkit.quantize.cli import add_export_options, add_parsers as add_quantize_parsers

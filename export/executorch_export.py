@@ -26,6 +26,7 @@ goes through XNNPACK's own pass pipeline.
 
 from __future__ import annotations
 
+import gc
 import json
 import operator
 import os
@@ -116,19 +117,27 @@ def used_weights(program: torch.export.ExportedProgram) -> dict[tuple[int, int],
 # ----------------------------------------------------------------------------- lowering
 
 
+# Above this many distinct weight bytes, the graphs are lowered per weight group from the start
+# (text encoder, AR transformer, diffusion head, VAE) and each program is written and released
+# before the next: XNNPACK's lowering holds another copy of every weight it delegates, so one
+# program for the 0.7B model + the 1.5B text encoder (9 GB of fp32 weights) needed > 24 GB.
+ONE_PROGRAM_MAX_WEIGHT_BYTES = 1_000_000_000
+
+
 @dataclass
 class Lowered:
-    """One serialised program and what it holds."""
+    """One written program and what it holds."""
 
     file: str  # name inside executorch/
     methods: list[str]
-    buffer: bytes
+    size: int  # bytes on disk
     delegation: dict[str, dict]
     stored: dict[str, int | None]  # weight bytes the program stores (named data + constant buffer)
 
 
-def lower(file: str, programs: Mapping[str, torch.export.ExportedProgram]) -> Lowered:
-    """Lower a group of exported programs to XNNPACK as the methods of one ``.pte``."""
+def lower(file: str, programs: Mapping[str, torch.export.ExportedProgram], folder: Path) -> Lowered:
+    """Lower a group of exported programs to XNNPACK as the methods of one ``.pte``, written to
+    ``folder/file`` (streamed: ``write_to_file`` never builds the whole program in memory; temp + rename)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
@@ -137,7 +146,19 @@ def lower(file: str, programs: Mapping[str, torch.export.ExportedProgram]) -> Lo
     # memory planning), which would muddle the op names.
     delegation = {name: delegation_of(edge.exported_program(name).graph_module) for name in programs}
     program = edge.to_executorch()
-    return Lowered(file, list(programs), program.buffer, delegation, stored_weight_bytes(program))
+    del edge
+    path = folder / file
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            program.write_to_file(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return Lowered(file, list(programs), path.stat().st_size, delegation, stored_weight_bytes(program))
 
 
 def stored_weight_bytes(program: Any) -> dict[str, int | None]:
@@ -193,33 +214,44 @@ def delegation_of(gm: torch.fx.GraphModule) -> dict:
             "ops_outside_delegate": dict(sorted(outside.items())), "num_ops_outside_delegate": sum(outside.values())}
 
 
-def lower_with_fallback(specs: Sequence[GraphSpec], programs: Mapping[str, torch.export.ExportedProgram],
-                        say: Callable[[str], None]) -> tuple[list[Lowered], str | None]:
-    """One program for every graph; failing that, one per weight group; failing that, one per graph."""
-    try:
-        return [lower(PROGRAM, programs)], None
-    except Exception as exc:  # noqa: BLE001 - any failure of the multi-method path: try smaller programs
-        first = str(exc).strip().splitlines()
-        reason = f"one program for all graphs failed ({type(exc).__name__}: {first[0] if first else ''})"
+def lower_with_fallback(specs: Sequence[GraphSpec], programs: dict[str, torch.export.ExportedProgram],
+                        say: Callable[[str], None], folder: Path, weight_bytes: int = 0
+                        ) -> tuple[list[Lowered], str | None]:
+    """One program for every graph; failing that (or for a model too big to lower at once), one per
+    weight group; failing that, one per graph. Lowered groups' exported programs are dropped from
+    ``programs`` as they are written, to bound memory."""
+    if weight_bytes > ONE_PROGRAM_MAX_WEIGHT_BYTES:
+        reason = (f"{weight_bytes / 1e9:.1f} GB of weights: one program per weight group, each written before the "
+                  "next is lowered (bounds the export's memory)")
+    else:
+        try:
+            return [lower(PROGRAM, programs, folder)], None
+        except Exception as exc:  # noqa: BLE001 - any failure of the multi-method path: try smaller programs
+            first = str(exc).strip().splitlines()
+            reason = f"one program for all graphs failed ({type(exc).__name__}: {first[0] if first else ''})"
     say(f"executorch: {reason}; lowering per weight group")
     groups: dict[str, list[str]] = {}
     for s in specs:
         groups.setdefault(s.weights or s.name, []).append(s.name)
     out: list[Lowered] = []
     for label, names in groups.items():
-        out += _lower_group(label, names, programs, say)
+        say(f"executorch: lowering {label} ({len(names)} method(s))")
+        out += _lower_group(label, names, programs, say, folder)
+        for n in names:  # release what only this group's programs held
+            programs.pop(n, None)
+        gc.collect()
     return out, reason
 
 
 def _lower_group(label: str, names: list[str], programs: Mapping[str, torch.export.ExportedProgram],
-                 say: Callable[[str], None]) -> list[Lowered]:
+                 say: Callable[[str], None], folder: Path) -> list[Lowered]:
     try:
-        return [lower(f"{label}.pte", {n: programs[n] for n in names})]
+        return [lower(f"{label}.pte", {n: programs[n] for n in names}, folder)]
     except Exception as exc:  # noqa: BLE001
         if len(names) == 1:
             raise HartkitError(f"executorch: lowering graph '{names[0]}' to XNNPACK failed: {exc}") from exc
         say(f"executorch: group '{label}' failed ({type(exc).__name__}); one program per graph")
-        return [part for n in names for part in _lower_group(n, [n], programs, say)]
+        return [part for n in names for part in _lower_group(n, [n], programs, say, folder)]
 
 
 def check_planned_shapes(specs: Mapping[str, GraphSpec], path: Path, methods: Sequence[str]) -> None:
@@ -250,15 +282,6 @@ def check_planned_shapes(specs: Mapping[str, GraphSpec], path: Path, methods: Se
 # ----------------------------------------------------------------------------- the export
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def export_executorch(specs: list[GraphSpec], modules: Mapping[str, nn.Module], out_dir: Path,
                       progress: Callable[[str], None] | None = None) -> dict[str, str]:
     """All graphs to ``out_dir/executorch/hart.pte`` (method name == graph name).
@@ -284,18 +307,21 @@ def export_executorch(specs: list[GraphSpec], modules: Mapping[str, nn.Module], 
             raise HartkitError(f"executorch: torch.export of graph '{spec.name}' failed: {exc}") from exc
         weights[spec.name] = used_weights(programs[spec.name])
 
+    graph_order = list(programs)
+    distinct: dict[tuple[int, int], int] = {}
+    for w in weights.values():
+        distinct.update(w)
     t0 = time.perf_counter()
-    say(f"executorch: lowering {len(programs)} methods to XNNPACK in one program (the slow part)")
-    parts, fallback = lower_with_fallback(specs, programs, say)
+    say(f"executorch: lowering {len(programs)} methods to XNNPACK (the slow part)")
+    parts, fallback = lower_with_fallback(specs, programs, say, sub, sum(distinct.values()))
     seconds = time.perf_counter() - t0
 
     files: dict[str, str] = {}
     methods: dict[str, dict] = {}
     stored: dict[str, dict] = {}
     for part in parts:
-        _write_atomic(sub / part.file, part.buffer)
         check_planned_shapes(by_name, sub / part.file, part.methods)
-        stored[part.file] = {"bytes": len(part.buffer), **part.stored}
+        stored[part.file] = {"bytes": part.size, **part.stored}
         for name in part.methods:
             files[name] = f"{SUBDIR}/{part.file}"
             methods[name] = {"file": files[name], "weight_bytes": sum(weights[name].values()),
@@ -309,7 +335,7 @@ def export_executorch(specs: list[GraphSpec], modules: Mapping[str, nn.Module], 
         "weight_bytes_distinct": sum(unique.values()),
         "lowering_seconds": round(seconds, 1),
         "fallback": fallback,
-        "methods": {name: methods[name] for name in programs},  # graph order
+        "methods": {name: methods[name] for name in graph_order},
     }
     tmp = sub / (DELEGATION + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")

@@ -161,6 +161,10 @@ def export_checkpoint(
         if shared is not None:
             info["onnx_weights"] = shared
         _write_info(tmp, info)  # the backends below read it
+        if quant is None:
+            # The checks below compare against the recorded outputs: the torch weights are not read
+            # again, and a 0.7B model + its text encoder (9 GB) would sit beside the backends' copies.
+            _release_weights(model.transformer, model.vae, encoder)
         output_names = {s.name: [o.name for o in s.outputs] for s in specs}
         for fmt in formats:
             say(f"parity: {fmt}")
@@ -196,6 +200,20 @@ def export_checkpoint(
                                   text_model_path=text_dir.resolve())
         _write_info(tmp, manifest)
     return result
+
+
+def _release_weights(*modules) -> None:
+    """Free the parameters and buffers of torch modules in place (every wrapper sharing them sees empty
+    tensors); for use once nothing will run them again."""
+    import gc
+
+    import torch
+
+    with torch.no_grad():
+        for module in modules:
+            for t in list(module.parameters()) + list(module.buffers()):
+                t.data = torch.empty(0, dtype=t.dtype)
+    gc.collect()
 
 
 def _loop_from(model, system_length: int):

@@ -37,17 +37,15 @@ def add_export_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub) -> None:
+    from hartkit.cli import add_bundle_options, add_checkpoint_options
+
     p = sub.add_parser(
         "quantize", help="export a checkpoint with a quantization recipe (or list / dry-run recipes)",
         description="Quantize and export: `hartkit quantize --checkpoint DIR --recipe phone --format onnx --out OUT` "
                     "is `hartkit export ... --recipe phone`. --list prints the presets and the support table; "
                     "--dry-run resolves a recipe for a checkpoint and prints every layer's scheme, the fallbacks "
                     "and the estimated sizes, without exporting.")
-    p.add_argument("--checkpoint", metavar="DIR", help="folder with llm/ and tokenizer/")
-    p.add_argument("--text-model", metavar="DIR", help="Qwen2 text model folder (default: DIR/text_model)")
-    p.add_argument("--format", default="onnx", help="comma-separated: onnx,executorch,coreml (default: onnx)")
-    p.add_argument("--out", metavar="DIR", help="output bundle folder (new or empty, unless --force)")
-    p.add_argument("--force", action="store_true", help="replace an existing export in OUT")
+    add_bundle_options(p, required=False, out_help="output bundle folder (new or empty, unless --force)")
     add_export_options(p)
     p.add_argument("--list", action="store_true", help="print the presets and the (scheme, format) support table")
     p.add_argument("--dry-run", action="store_true", help="resolve the recipe and print the plan; export nothing")
@@ -59,8 +57,7 @@ def add_parsers(sub) -> None:
                     "graph outputs and on the teacher-forced stage logits over a calibration set; rank; keep the "
                     "most sensitive at --high while the analysed components fit --budget-mb (or --avg-bits). "
                     "Writes OUT/sensitivity.json, OUT/sensitivity.png, OUT/recipe.json and OUT/calibration.npz.")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="folder with llm/ and tokenizer/")
-    p.add_argument("--text-model", metavar="DIR", help="Qwen2 text model folder (default: DIR/text_model)")
+    add_checkpoint_options(p, required=True)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--components", default="text_encoder,ar_transformer",
                    help="comma-separated components to analyse (default: text_encoder,ar_transformer)")

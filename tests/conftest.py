@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -44,3 +45,43 @@ def onnx_bundle(tiny_checkpoint, tmp_path_factory):
         warnings.simplefilter("ignore")
         result = export_checkpoint(tiny_checkpoint, out, ["onnx"])
     return out, result
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a whole test file (`pytestmark = pytest.mark.usefixtures("one_thread")`).
+
+    Tiny graphs run faster on one thread, and much faster on a machine shared with other jobs.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_system_length(tiny_model, tiny_text_encoder) -> int:
+    """The system-prompt length S the tiny preset's graphs are built for."""
+    from hartkit.runtime.backends import system_length_of
+
+    return system_length_of(tiny_text_encoder.tokenizer, tiny_model.cfg.context_token)
+
+
+class TinyGraphs(NamedTuple):
+    S: int
+    specs: list  # GraphSpec, in loop order
+    byname: dict  # name -> GraphSpec
+    modules: dict  # name -> the built module, in eval mode
+    inputs: dict  # name -> its input names, in order
+
+
+@pytest.fixture(scope="module")
+def tiny_graphs(tiny_model, tiny_text_encoder, tiny_system_length) -> TinyGraphs:
+    """Every graph of the tiny preset, built afresh for each test file (quantizing may change modules)."""
+    from hartkit.export.graphs import hart_graph_specs
+
+    specs = hart_graph_specs(tiny_model, tiny_text_encoder, tiny_system_length)
+    return TinyGraphs(tiny_system_length, specs, {s.name: s for s in specs},
+                      {s.name: s.build().eval() for s in specs}, {s.name: [i.name for i in s.inputs] for s in specs})

@@ -213,10 +213,10 @@ def test_fallback_grouping_when_one_program_fails(tiny_model, tmp_path, monkeypa
     modules = {s.name: s.build() for s in specs}
     real = ete.lower
 
-    def picky(file, programs):
+    def picky(file, programs, folder):
         if len(programs) == len(chosen):
             raise RuntimeError("too many methods\nsecond line")
-        return real(file, programs)
+        return real(file, programs, folder)
 
     monkeypatch.setattr(ete, "lower", picky)
     messages: list[str] = []
@@ -228,3 +228,31 @@ def test_fallback_grouping_when_one_program_fails(tiny_model, tmp_path, monkeypa
     assert set(report["files"]) == {"ar_transformer.pte", "diffusion_head.pte"}
     assert any("fallback" in m for m in messages)
     assert not (tmp_path / "executorch" / "hart.pte").exists()
+
+
+def test_big_models_are_lowered_per_weight_group_and_streamed(tiny_model, tmp_path, monkeypatch):
+    """Past ONE_PROGRAM_MAX_WEIGHT_BYTES the single-program attempt is skipped (it would hold a second
+    copy of every weight): one program per weight group, each written before the next is lowered."""
+    import hartkit.export.executorch_export as ete
+    from hartkit.export.graphs import hart_graph_specs
+
+    chosen = ("condition", "ar_head", "diffusion_cond_embed")
+    specs = [s for s in hart_graph_specs(tiny_model) if s.name in chosen]
+    modules = {s.name: s.build() for s in specs}
+    monkeypatch.setattr(ete, "ONE_PROGRAM_MAX_WEIGHT_BYTES", 1000)
+    real, seen = ete.lower, []
+
+    def spy(file, programs, folder):
+        seen.append((file, sorted(programs), sorted(p.name for p in folder.glob("*.pte"))))
+        return real(file, programs, folder)
+
+    monkeypatch.setattr(ete, "lower", spy)
+    files = ete.export_executorch(specs, modules, tmp_path, progress=lambda _m: None)
+    assert [f for f, _, _ in seen] == ["ar_transformer.pte", "diffusion_head.pte"]  # no one-program attempt
+    assert seen[1][2] == ["ar_transformer.pte"]  # the first program was on disk before the second was lowered
+    report = json.loads((tmp_path / "executorch" / "delegation.json").read_text())
+    assert "GB of weights: one program per weight group" in report["fallback"]
+    assert list(report["methods"]) == list(chosen)
+    for name, rel in files.items():
+        assert report["files"][rel.split("/")[-1]]["bytes"] == (tmp_path / rel).stat().st_size
+    assert not list((tmp_path / "executorch").glob("*.tmp"))

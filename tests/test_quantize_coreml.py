@@ -13,9 +13,9 @@ import math
 import warnings
 
 import pytest
-import torch
 
 pytest.importorskip("coremltools")
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (conftest.py)
 
 GRAPHS = ["text_encoder", "ar_head", "denoise", "vae_decode"]
 RECIPES = {
@@ -32,29 +32,15 @@ def _package_bytes(path):
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name == "weight.bin")
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny graphs run faster on one thread, and much faster on a machine shared with other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 @pytest.fixture(scope="module")
-def coreml(tiny_model, tiny_text_encoder, tmp_path_factory):
-    from hartkit.export.graphs import hart_graph_specs, run_graph
+def coreml(tiny_model, tiny_text_encoder, tiny_graphs, tmp_path_factory):
+    from hartkit.export.graphs import run_graph
     from hartkit.quantize.apply import QuantizedExport
     from hartkit.quantize.calibration import record
     from hartkit.quantize.coreml_quant import check_coreml_quantized, export_coreml_quantized
-    from hartkit.runtime.backends import system_length_of
 
-    S = system_length_of(tiny_text_encoder.tokenizer, tiny_model.cfg.context_token)
-    specs = hart_graph_specs(tiny_model, tiny_text_encoder, S)
-    byname = {s.name: s for s in specs}
-    modules = {s.name: s.build().eval() for s in specs}
+    S, specs, byname, modules, inputs = tiny_graphs
     calib = record(tiny_model, tiny_text_encoder, S, ["a red circle above a blue square"])
-    inputs = {s.name: [i.name for i in s.inputs] for s in specs}
     recorded = {g: [(f, run_graph(modules[g], [f[n] for n in inputs[g]])) for f in calib.feeds(g, limit=1)]
                 for g in GRAPHS}
     outputs = {g: [o.name for o in byname[g].outputs] for g in GRAPHS}

@@ -14,7 +14,6 @@ import json
 import warnings
 
 import pytest
-import torch
 
 pytest.importorskip("executorch")
 
@@ -25,31 +24,19 @@ RECIPE = {
 }
 GRAPHS = ["text_encoder", "ar_context", "denoise", "residual_0"]
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (conftest.py)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny graphs run faster on one thread, and much faster on a machine shared with other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 @pytest.fixture(scope="module")
-def et(tiny_model, tiny_text_encoder, tmp_path_factory):
+def et(tiny_model, tiny_text_encoder, tiny_graphs, tmp_path_factory):
     from hartkit.export.executorch_export import export_executorch
-    from hartkit.export.graphs import hart_graph_specs, run_graph
+    from hartkit.export.graphs import run_graph
     from hartkit.quantize.apply import QuantizedExport, check_quantized
     from hartkit.quantize.calibration import record, replay_fns
-    from hartkit.runtime.backends import system_length_of
     from hartkit.runtime.executorch_backend import ExecuTorchBackend
 
-    S = system_length_of(tiny_text_encoder.tokenizer, tiny_model.cfg.context_token)
-    specs = hart_graph_specs(tiny_model, tiny_text_encoder, S)
-    byname = {s.name: s for s in specs}
-    modules = {s.name: s.build().eval() for s in specs}
+    S, specs, byname, modules, inputs = tiny_graphs
     calib = record(tiny_model, tiny_text_encoder, S, ["a red circle above a blue square", "a cat"])
-    inputs = {s.name: [i.name for i in s.inputs] for s in specs}
     replay = replay_fns(modules, inputs)
     recorded = {}
     for g in GRAPHS:

@@ -18,7 +18,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 from hartkit.export.parity import snr_db
 
@@ -32,27 +31,16 @@ GRAPHS = {"text_encoder": ["text_encoder"], "ar_transformer": ["condition", "ar_
           "diffusion_head": ["denoise"], "vae": ["vae_decode"]}
 CALLS = 2  # test inputs per graph
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (conftest.py)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny graphs run faster on one thread, and much faster on a machine shared with other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 @pytest.fixture(scope="module")
-def base(tiny_model, tiny_text_encoder, tmp_path_factory):
-    from hartkit.export.graphs import hart_graph_specs
+def base(tiny_model, tiny_text_encoder, tiny_graphs, tmp_path_factory):
     from hartkit.export.onnx_export import export_onnx_graph
     from hartkit.quantize.calibration import record, replay_fns
     from hartkit.quantize.layers import discover
-    from hartkit.runtime.backends import system_length_of
 
-    S = system_length_of(tiny_text_encoder.tokenizer, tiny_model.cfg.context_token)
-    specs = {s.name: s for s in hart_graph_specs(tiny_model, tiny_text_encoder, S)}
-    modules = {n: s.build().eval() for n, s in specs.items()}
+    S, _, specs, modules, spec_inputs = tiny_graphs
     calib = record(tiny_model, tiny_text_encoder, S, ["a red circle above a blue square", "a cat on a chair"])
     layers = discover(tiny_model, tiny_text_encoder, specs.values())
     folder = tmp_path_factory.mktemp("qonnx")
@@ -61,7 +49,6 @@ def base(tiny_model, tiny_text_encoder, tmp_path_factory):
         warnings.simplefilter("ignore")
         for g in wanted:
             export_onnx_graph(specs[g], modules[g], folder / f"{g}.onnx")
-    spec_inputs = {n: [i.name for i in s.inputs] for n, s in specs.items()}
     replay = replay_fns(modules, spec_inputs)
     feeds = {g: list(calib.feeds(g, replay, limit=CALLS)) for g in wanted}
     return dict(S=S, specs=specs, modules=modules, calib=calib, layers=layers, folder=folder, feeds=feeds,

@@ -16,24 +16,15 @@ from hartkit.errors import UsageError
 from hartkit.quantize.recipe import PRESETS, Recipe, resolve
 from hartkit.quantize.schemes import FORMATS, REFUSED, SCHEMES, SUPPORT, Scheme, support_table
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (conftest.py)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny graphs run faster on one thread, and much faster on a machine shared with other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 @pytest.fixture(scope="module")
-def tiny_layers(tiny_model, tiny_text_encoder):
+def tiny_layers(tiny_model, tiny_text_encoder, tiny_system_length):
     from hartkit.export.graphs import hart_graph_specs
     from hartkit.quantize.layers import discover
-    from hartkit.runtime.backends import system_length_of
 
-    S = system_length_of(tiny_text_encoder.tokenizer, tiny_model.cfg.context_token)
-    return discover(tiny_model, tiny_text_encoder, hart_graph_specs(tiny_model, tiny_text_encoder, S))
+    return discover(tiny_model, tiny_text_encoder, hart_graph_specs(tiny_model, tiny_text_encoder, tiny_system_length))
 
 
 # ----------------------------------------------------------------------------- schemes and the table

@@ -6,28 +6,19 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from hartkit.errors import UsageError
 
 PROMPTS = ["a red circle above a blue square", "a cat on a chair"]
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (conftest.py)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny graphs run faster on one thread, and much faster on a machine shared with other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 @pytest.fixture(scope="module")
-def setup(tiny_model, tiny_text_encoder, tmp_path_factory):
+def setup(tiny_model, tiny_text_encoder, tiny_system_length, tmp_path_factory):
     from hartkit.quantize.calibration import CalibrationSet, record
-    from hartkit.runtime.backends import system_length_of
 
-    S = system_length_of(tiny_text_encoder.tokenizer, tiny_model.cfg.context_token)
+    S = tiny_system_length
     calib = record(tiny_model, tiny_text_encoder, S, PROMPTS)
     path = calib.save(tmp_path_factory.mktemp("calib") / "calibration.npz")
     return dict(S=S, calib=calib, loaded=CalibrationSet.load(path), path=path)
