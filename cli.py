@@ -216,6 +216,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     try:
         exports: list[dict] = []
+        failed: list[dict] = []
         bundles = args.bundle or []
         if args.recipes:
             from hartkit.bench.exports import prepare_bundles
@@ -228,6 +229,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                                args.resolution, progress=step)
         elif args.resolution is not None:
             raise UsageError("--resolution applies with --recipes (a bundle's resolution is fixed at export)")
+        failed = [e for e in exports if e.get("failed")]
+        if not bundles:
+            raise HartkitError("every export failed: " + "; ".join(f"{e['recipe']} {e['formats'][0]}: {e['failed']}"
+                                                                    for e in failed))
         result = run_bench(args.checkpoint, bundles, backends, runs=args.runs, out=args.out,
                            measure_memory=not args.no_memory, exports=exports, progress=step)
     finally:
@@ -235,7 +240,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_report(result))
     if args.out:
         print(f"wrote {Path(args.out) / 'bench.json'}, bench.md and bench.png")
-    return 0
+    return 3 if failed else 0  # measured what exported; a failed export is a failed check
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
-"""The bundles a bench measures, exported on demand: one per recipe, each in a fresh process so its
-wall time and peak memory (what a user needs to know before exporting 0.7B on a laptop) are measured
-alone. A bundle already in the work folder with the same recipe, formats and resolution is reused."""
+"""The bundles a bench measures, exported on demand: one per (recipe, format), each in a fresh process
+so its wall time and peak memory (what a user needs to know before exporting 0.7B on a laptop) are
+measured alone. A bundle already in the work folder with the same recipe, format and resolution is
+reused. An export that fails (e.g. killed for memory) is recorded with its reason and skipped."""
 
 from __future__ import annotations
 
@@ -12,13 +13,12 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from hartkit.errors import HartkitError
 
 STATS = "exports.json"  # beside the bundles (not inside: the bundle's checksums stay the bundle's)
 
 
-def bundle_dir(work: Path, recipe: str, resolution: int | None) -> Path:
-    return work / (f"{recipe}-{resolution}px" if resolution else recipe)
+def bundle_dir(work: Path, recipe: str, fmt: str, resolution: int | None) -> Path:
+    return work / (f"{recipe}-{fmt}-{resolution}px" if resolution else f"{recipe}-{fmt}")
 
 
 def _matches(bundle: Path, recipe: str, formats: Sequence[str], resolution: int | None) -> bool:
@@ -55,10 +55,21 @@ def run_measured(cmd: list[str], log: Path) -> tuple[float, int, int]:
     return time.perf_counter() - t0, usage.ru_maxrss * 1024, proc.returncode  # Linux: KiB
 
 
+def failure_reason(code: int, log: Path) -> str:
+    if code < 0:
+        import signal
+
+        name = signal.Signals(-code).name
+        return f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    tail = [line for line in log.read_text(errors="replace").strip().splitlines() if line.strip()][-1:]
+    return f"exit {code}: {tail[0] if tail else ''}"
+
+
 def prepare_bundles(checkpoint: str | Path, work: str | Path, recipes: Sequence[str], formats: Sequence[str],
                     resolution: int | None = None, progress: Callable[[str], None] | None = None
                     ) -> tuple[list[Path], list[dict]]:
-    """Export (or reuse) one bundle per recipe under ``work``; returns the bundles and the export stats."""
+    """Export (or reuse) one bundle per (recipe, format) under ``work``; returns the bundles that exist
+    and one stats row per export (``failed`` holds the reason of one that did not finish)."""
     say = progress or (lambda _m: None)
     checkpoint, work = Path(checkpoint), Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -66,25 +77,27 @@ def prepare_bundles(checkpoint: str | Path, work: str | Path, recipes: Sequence[
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
     bundles, rows = [], []
     for recipe in recipes:
-        out = bundle_dir(work, recipe, resolution)
-        key = out.name
-        if _matches(out, recipe, formats, resolution) and key in stats:
-            say(f"reusing {out}")
-            rows.append({**stats[key], "reused": True})
-            bundles.append(out)
-            continue
-        say(f"exporting {recipe} ({', '.join(formats)}) -> {out}")
-        log = work / f"{key}.export.log"
-        seconds, rss, code = run_measured(export_command(checkpoint, out, recipe, formats, resolution), log)
-        if code != 0:
-            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-            raise HartkitError(f"export of recipe {recipe!r} failed (exit {code}); see {log}:\n" + "\n".join(tail))
-        row = {"recipe": recipe, "formats": list(formats), "resolution": resolution, "seconds": seconds,
-               "peak_rss_bytes": rss, "bundle": str(out)}
-        stats[key] = row
-        tmp = stats_path.with_name(STATS + ".tmp")
-        tmp.write_text(json.dumps(stats, indent=2))
-        os.replace(tmp, stats_path)
-        rows.append(row)
-        bundles.append(out)
+        for fmt in formats:
+            out = bundle_dir(work, recipe, fmt, resolution)
+            key = out.name
+            if _matches(out, recipe, [fmt], resolution) and key in stats and not stats[key].get("failed"):
+                say(f"reusing {out}")
+                rows.append({**stats[key], "reused": True})
+                bundles.append(out)
+                continue
+            say(f"exporting {recipe} {fmt} -> {out}")
+            log = work / f"{key}.export.log"
+            seconds, rss, code = run_measured(export_command(checkpoint, out, recipe, [fmt], resolution), log)
+            row = {"recipe": recipe, "formats": [fmt], "resolution": resolution, "seconds": seconds,
+                   "peak_rss_bytes": rss, "bundle": str(out)}
+            if code != 0:
+                row["failed"] = failure_reason(code, log)
+                say(f"export {recipe} {fmt} failed: {row['failed']} (log: {log})")
+            else:
+                bundles.append(out)
+            stats[key] = row
+            tmp = stats_path.with_name(STATS + ".tmp")
+            tmp.write_text(json.dumps(stats, indent=2))
+            os.replace(tmp, stats_path)
+            rows.append(row)
     return bundles, rows

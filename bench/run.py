@@ -335,7 +335,8 @@ def format_report(result: BenchResult) -> str:
              f"({result.machine.get('torch_threads')} threads)"]
     for row in result.exports:
         lines.append(f"export {row['recipe']:8} {','.join(row['formats']):18} {row['seconds']:8.1f} s  "
-                     f"peak RSS {row['peak_rss_bytes'] / 1e9:6.2f} GB" + ("  (reused)" if row.get("reused") else ""))
+                     f"peak RSS {row['peak_rss_bytes'] / 1e9:6.2f} GB" + ("  (reused)" if row.get("reused") else "")
+                     + (f"  FAILED: {row['failed']}" if row.get("failed") else ""))
     if result.graphs:
         keys = [k[:-2] for k in result.graphs[0] if k.endswith("_s") and k != "torch_eager_s"]
         lines.append(f"{'graph':22} {'torch ms':>10} " + " ".join(f"{k:>22}" for k in keys))
@@ -467,9 +468,10 @@ def markdown_table(result: BenchResult) -> str:
             lines.append(f"| {r['pipeline']} | {r['peak_rss_bytes'] / 1e6:.0f} | "
                          f"{(r['bundle_bytes'] + r['kv_cache_bytes']) / 1e6:.0f} | {r['ratio_to_limit']:.2f} |")
     if result.exports:
-        lines += ["", "| export | formats | seconds | peak RSS (GB) |", "|---|---|---|---|"]
+        lines += ["", "| export | format | seconds | peak RSS (GB) | result |", "|---|---|---|---|---|"]
         for r in result.exports:
-            lines.append(f"| {r['recipe']} | {', '.join(r['formats'])} | {r['seconds']:.0f} | {r['peak_rss_bytes'] / 1e9:.2f} |")
+            lines.append(f"| {r['recipe']} | {', '.join(r['formats'])} | {r['seconds']:.0f} | {r['peak_rss_bytes'] / 1e9:.2f} | "
+                         + (f"failed: {r['failed']} |" if r.get("failed") else ("reused |" if r.get("reused") else "ok |")))
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,7 @@
 """hartkit bench on tiny: it runs and writes well-formed JSON (numbers are reported, not asserted)."""
 
 import json
+import sys
 
 import numpy as np
 
@@ -41,7 +42,7 @@ def test_bench_exports_recipes_at_a_lower_resolution_and_reuses_them(tiny_checkp
     args = ["bench", "--checkpoint", str(tiny_checkpoint), "--recipes", "fp32", "--format", "onnx",
             "--resolution", "16", "--work", str(work), "--runs", "1", "--no-memory", "--out", str(out)]
     assert main(args) == 0
-    bundle = work / "fp32-16px"
+    bundle = work / "fp32-onnx-16px"
     manifest = read_manifest(bundle)
     assert manifest["loop"]["image_size"] == 16 and manifest["loop"]["patch_nums"] == [1, 2, 3, 4]
     data = json.loads((out / "bench.json").read_text())
@@ -53,10 +54,21 @@ def test_bench_exports_recipes_at_a_lower_resolution_and_reuses_them(tiny_checkp
     assert main(args) == 0
     assert (bundle / "manifest.json").stat().st_mtime_ns == stamp
     assert json.loads((out / "bench.json").read_text())["exports"][0]["reused"] is True
-    assert json.loads((work / STATS).read_text())["fp32-16px"]["recipe"] == "fp32"
+    assert json.loads((work / STATS).read_text())["fp32-onnx-16px"]["recipe"] == "fp32"
 
 
 def test_bench_refuses_bundles_and_recipes_together(tiny_checkpoint, tmp_path, capsys):
     assert main(["bench", "--checkpoint", str(tiny_checkpoint), "--bundle", str(tmp_path), "--recipes", "fp32",
                  "--work", str(tmp_path)]) == 2
     assert "--bundle" in capsys.readouterr().err
+
+
+def test_a_failed_export_is_recorded_with_its_reason(tiny_checkpoint, tmp_path, monkeypatch):
+    """An export killed for memory (here: a child that kills itself) is a row with the reason, not a crash."""
+    import hartkit.bench.exports as ex
+
+    monkeypatch.setattr(ex, "export_command", lambda *a, **k: [sys.executable, "-c",
+                                                               "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    bundles, rows = ex.prepare_bundles(tiny_checkpoint, tmp_path, ["fp32"], ["onnx"], None)
+    assert bundles == [] and rows[0]["failed"] == "killed by SIGKILL (out of memory?)"
+    assert json.loads((tmp_path / STATS).read_text())["fp32-onnx"]["failed"]
