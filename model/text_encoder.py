@@ -289,16 +289,9 @@ def _weight_files(root: Path) -> list[Path]:
 
 def _iter_tensors(path: Path):
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from hartkit.model.checkpoint import read_weight_file  # memory-mapped, validated
 
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointError(f"cannot read {path}: {e}") from e
+        yield from read_weight_file(path).items()
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
