@@ -293,9 +293,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     paths = _save_images(images, out_dir / "demo.png")
     print(f"prompt: {args.prompt!r}  seed: {args.seed}")
     print(f"wrote {paths[0]} from checkpoint {checkpoint} (PyTorch reference sampler)")
+    if checkpoint == demo_checkpoint():
+        _demo_grid(checkpoint, out_dir, args, images[0])
     if args.quick:
         return 0
     return _demo_exported(checkpoint, out_dir, args, images[0])
+
+
+def _demo_grid(checkpoint: Path, out_dir: Path, args: argparse.Namespace, image) -> None:
+    """What the demo model can and cannot draw: the caption judge's verdict on the main image, and a grid
+    of held-out prompts (never seen in training) with each verdict."""
+    from hartkit.runtime.images import caption_grid
+    from hartkit.validate import caption_score, scenes
+
+    def verdict(result: dict) -> str:
+        failed = [k for k in caption_score.ATTRIBUTES if result.get(k) is False]
+        return "caption right" if result["caption"] else "wrong " + ", ".join(failed)
+
+    try:
+        print(f"caption judge on {out_dir / 'demo.png'}: {verdict(caption_score.score(image, args.prompt))}")
+    except ValueError:  # a prompt outside the scenes' grammar: nothing to judge
+        print("caption judge: the prompt is outside the demo model's scene vocabulary (see assets/demo/README.md)")
+    held = scenes.heldout_prompts(100)
+    prompts = held[:4] + held[9:13]  # four one-shape and four two-shape captions
+    grid = _generate_images(checkpoint, checkpoint / "text_model", prompts, args.seed, args.cfg, True, 0.0)
+    results = [caption_score.score(img, p) for img, p in zip(grid, prompts)]
+    path = caption_grid(grid, [f"{p} [{verdict(r)}]" for p, r in zip(prompts, results)], out_dir / "demo-grid.png",
+                        cols=4, scale=2)
+    right = sum(r["caption"] for r in results)
+    print(f"wrote {path}: 8 held-out prompts, {right} of 8 drawn as captioned by the pixel judge "
+          f"(the demo model's numbers: assets/demo/README.md)")
 
 
 def _demo_exported(checkpoint: Path, out_dir: Path, args: argparse.Namespace, reference) -> int:

@@ -30,7 +30,7 @@ import torch
 from hartkit.model.checkpoint import load_hart
 from hartkit.model.sampler import SamplerOptions, generate_from_prompts
 from hartkit.model.text_encoder import TextEncoder
-from hartkit.runtime.images import psnr
+from hartkit.runtime.images import caption_grid, psnr
 from hartkit.validate import scenes
 from hartkit.validate.caption_score import ATTRIBUTES, CaptionReport, evaluate
 
@@ -74,29 +74,6 @@ def tokenizer_psnr(model, n: int = 256, seed: int = 1) -> dict[str, float]:
             rec = to_u8(latent)
             out[name] += [psnr(rec[j], images[i + j]) for j in range(len(rec))]
     return {f"psnr_{k}_db": float(np.mean(v)) for k, v in out.items()}
-
-
-def caption_grid(images: np.ndarray, captions: list[str], path: Path, cols: int = 5, scale: int = 2) -> Path:
-    """A PNG grid: each image enlarged ``scale``x (nearest) above its wrapped caption."""
-    import textwrap
-
-    from PIL import Image, ImageDraw
-
-    h, w = images.shape[1:3]
-    cell_w, text_h = max(w * scale, 150), 44
-    rows = (len(images) + cols - 1) // cols
-    grid = Image.new("RGB", (cols * cell_w, rows * (h * scale + text_h)), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    for i, (img, cap) in enumerate(zip(images, captions)):
-        r, c = divmod(i, cols)
-        x0, y0 = c * cell_w, r * (h * scale + text_h)
-        big = Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST)
-        grid.paste(big, (x0 + (cell_w - w * scale) // 2, y0))
-        text = "\n".join(textwrap.wrap(cap, 26))
-        draw.multiline_text((x0 + 3, y0 + h * scale + 2), text, fill=(0, 0, 0), spacing=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
 
 
 def report_dict(report: CaptionReport) -> dict:

@@ -28,3 +28,30 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
         raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10.0 * np.log10(peak * peak / mse)
+
+
+def caption_grid(images: np.ndarray, captions: list[str], path: str | os.PathLike, cols: int = 5, scale: int = 2) -> Path:
+    """A PNG grid: each image enlarged ``scale``x (nearest) above its wrapped caption."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    h, w = images.shape[1:3]
+    wrapped = ["\n".join(textwrap.wrap(cap, 26)) for cap in captions]
+    cell_w = max(w * scale, 150)
+    text_h = 12 * max(t.count("\n") + 1 for t in wrapped) + 8
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * cell_w, rows * (h * scale + text_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, (img, text) in enumerate(zip(images, wrapped)):
+        r, c = divmod(i, cols)
+        x0, y0 = c * cell_w, r * (h * scale + text_h)
+        big = Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST)
+        grid.paste(big, (x0 + (cell_w - w * scale) // 2, y0))
+        draw.multiline_text((x0 + 3, y0 + h * scale + 2), text, fill=(0, 0, 0), spacing=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    grid.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path

@@ -66,3 +66,6 @@ def test_demo_shows_reference_export_runtime_and_report(tmp_path):
     assert "identical to the reference" in res.stdout or "dB vs the reference" in res.stdout
     assert f"validation report: {(demo / 'report' / 'report.html').resolve().as_uri()}" in res.stdout
     assert (demo / "report" / "report.json").is_file()
+    # the shipped demo model: its caption judge verdicts and the grid of held-out prompts
+    grid = np.asarray(Image.open(demo / "demo-grid.png"))
+    assert grid.shape[1] == 4 * 150 and "8 held-out prompts" in res.stdout and "caption judge on" in res.stdout

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The exact sequence of runs that produced assets/demo (see assets/demo/README.md), then its evaluation.
+# Each stage continues from the previous one's weights; intermediate checkpoints go to runs/.
+# One thread per run: on a shared 2-core machine that is faster than two (see train_tiny_hart.py).
+# Wall time of the whole chain: about 3 hours on one thread of a shared 2-core machine (the table in
+# assets/demo/README.md has each stage's time).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T="python examples/train_tiny_hart.py --threads 1"
+
+# 1-4: the hybrid tokenizer, in four stages (the first two before shape-pixel weighting existed).
+$T --tokenizer-only --out runs/tok1 --vae-steps 1000 --fg-weight 0
+$T --tokenizer-only --out runs/tok2 --tokenizer-from runs/tok1 --vae-steps 1500 --vae-lr 1e-3 --warmup 20 --fg-weight 0
+$T --tokenizer-only --out runs/tok3 --tokenizer-from runs/tok2 --vae-steps 1500 --vae-lr 1e-3 --warmup 20 --restart-every 0
+$T --tokenizer-only --out runs/tok4 --tokenizer-from runs/tok3 --vae-steps 1500 --vae-lr 1e-3 --warmup 20 --restart-every 0
+# 5-7: the AR transformer and the residual diffusion head, in three stages.
+$T --out runs/ar1 --tokenizer-from runs/tok4 --vae-steps 0 --num-images 12000 --ar-steps 1500
+$T --out runs/ar2 --tokenizer-from runs/tok4 --vae-steps 0 --transformer-from runs/ar1 \
+   --num-images 12000 --ar-steps 4000 --ar-lr 1.5e-3 --warmup 50
+$T --out assets/demo --tokenizer-from runs/tok4 --vae-steps 0 --transformer-from runs/ar2 \
+   --num-images 12000 --ar-steps 5500 --ar-lr 1e-3 --warmup 50
+
+python examples/eval_demo_model.py --train-prompts --update-readme --grid runs/demo_grid.png
