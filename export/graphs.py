@@ -259,9 +259,30 @@ def i64(name: str, *shape: int | Dim) -> TensorSpec:
     return TensorSpec(name, "int64", tuple(shape))
 
 
+# One attention call's fp32 scores [2 rows, heads, queries, keys] stay under this in the exported graphs:
+# ONNX Runtime and XNNPACK materialise them (torch's CPU SDPA does not). At 1024 px the final stage
+# would hold 2 x 24 x 4096 x 9751 x 4 B = 7.7 GB (and as much again for the softmax) at once.
+ATTENTION_SCORES_MAX_BYTES = 1 << 30
+
+
+def limit_attention_memory(model: HART, max_bytes: int = ATTENTION_SCORES_MAX_BYTES) -> int:
+    """Set the AR attention's heads per call (the largest divisor of the head count whose scores fit
+    ``max_bytes`` at the final stage); returns it (= num_heads: one call, as in the reference)."""
+    cfg = model.cfg
+    H, pns = cfg.num_heads, tuple(cfg.patch_nums)
+    queries = max(pns[-1] ** 2, cfg.context_token)
+    keys = kv_cache_len(pns, cfg.context_token) + pns[-1] ** 2
+    per_head = 2 * queries * keys * 4
+    step = next((s for s in range(H, 0, -1) if H % s == 0 and s * per_head <= max_bytes), 1)
+    for blk in model.transformer.blocks:
+        blk.attn.heads_per_call = 0 if step == H else step
+    return step
+
+
 def hart_graph_specs(model: HART, text_encoder: nn.Module | None = None, system_length: int | None = None,
                      num_phis: int | None = None) -> list[GraphSpec]:
     """Every graph of one HART export, in loop order. The text encoder is optional."""
+    limit_attention_memory(model)
     cfg, tr = model.cfg, model.transformer
     C, D, depth, H, d = cfg.embed_dim, cfg.context_dim, cfg.depth, cfg.num_heads, cfg.head_dim
     T, V, Cz = cfg.context_token, model.vocab_size, model.latent_dim

@@ -106,6 +106,10 @@ class Attention(nn.Module):
             # VAR convention: a quarter of the usual 1/sqrt(d).
             self.scale = 0.25 / math.sqrt(self.head_dim)
         self.proj = nn.Linear(C, C)
+        # Heads per attention call: 0 = all at once. Exported graphs set it (see
+        # export/graphs.py: limit_attention_memory) so that ONNX/XNNPACK, which materialise the
+        # [rows, heads, queries, keys] scores, hold a few heads' scores at a time at 1024 px.
+        self.heads_per_call = 0
 
     @property
     def qkv_weight(self) -> Tensor:
@@ -130,7 +134,13 @@ class Attention(nn.Module):
         if past_k is not None:
             k = torch.cat((past_k.to(k.dtype), k), dim=2)
             v = torch.cat((past_v.to(v.dtype), v), dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
+        step = self.heads_per_call
+        if 0 < step < self.num_heads:  # a static loop over head groups (slices of a static dimension)
+            out = torch.cat([F.scaled_dot_product_attention(q[:, h : h + step], k[:, h : h + step], v[:, h : h + step],
+                                                            attn_mask=attn_bias, scale=self.scale)
+                             for h in range(0, self.num_heads, step)], dim=1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
         out = out.transpose(1, 2).reshape(N, L, C)
         return self.proj(out), new_k, new_v
 

@@ -470,3 +470,38 @@ def test_blocks_forward_exports():
     ref = model.blocks_forward(*args)
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b)
+
+
+def test_attention_in_head_groups_equals_one_call_and_is_chosen_by_memory():
+    """Exported graphs run the AR attention a few heads at a time when the final stage's scores would
+    be large (ONNX Runtime / XNNPACK materialise them); the result is the same."""
+    import dataclasses
+
+    from hartkit.export.graphs import limit_attention_memory
+    from hartkit.model.checkpoint import build_hart
+    from hartkit.model.presets import get_preset
+
+    spec = get_preset("tiny")
+    torch.manual_seed(0)
+    model = build_hart(spec.hart, spec.vae)
+    attn = model.transformer.blocks[0].attn
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(2, 9, model.cfg.embed_dim)
+    past = torch.randn(2, attn.num_heads, 20, attn.head_dim)
+    cos, sin = torch.ones(2, 9, attn.head_dim), torch.zeros(2, 9, attn.head_dim)
+    whole = attn(x, cos, sin, past, past.clone())[0]
+    attn.heads_per_call = 1
+    torch.testing.assert_close(attn(x, cos, sin, past, past.clone())[0], whole, atol=1e-6, rtol=1e-5)
+
+    assert limit_attention_memory(model) == model.cfg.num_heads  # tiny: one call, as the reference
+    assert attn.heads_per_call == 0
+    big = get_preset("hart-0.7b-1024px")
+    with torch.device("meta"):
+        full = build_hart(big.hart, big.vae, device="meta")
+    # 1024 px: 2 x 4096 queries x 9751 keys x 4 B = 319 MB per head -> 3 heads per call under 1 GiB
+    assert limit_attention_memory(full) == 3
+    assert all(b.attn.heads_per_call == 3 for b in full.transformer.blocks)
+    small = dataclasses.replace(big.hart, patch_nums=big.hart.patch_nums[:10])  # 256 px: one call
+    assert limit_attention_memory(build_hart(small, big.vae, device="meta")) == 24
