@@ -408,6 +408,23 @@ def run_bench(checkpoint: str | Path, bundles: str | Path | Sequence[str | Path]
     del torch_backend
     gc.collect()
 
+    seen = set()
+    for target in targets:
+        if target.bundle not in seen:
+            seen.add(target.bundle)
+            result.sizes.extend(component_sizes(target.bundle, target.manifest, params))
+
+    def save() -> None:  # after every target: a long run that is stopped keeps what it measured
+        if out is None:
+            return
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        result.graphs = graph_rows(baseline, measured)
+        tmp = folder / "bench.json.tmp"
+        tmp.write_text(json.dumps(result.to_json(), indent=2))
+        os.replace(tmp, folder / "bench.json")
+        (folder / "bench.md").write_text(markdown_table(result))
+
     measured: dict[str, dict[str, float]] = {}
     for target in targets:
         say(f"{target.label}: graphs")
@@ -428,18 +445,11 @@ def run_bench(checkpoint: str | Path, bundles: str | Path | Sequence[str | Path]
             result.memory.append({"pipeline": target.label, "backend": target.backend, "peak_rss_bytes": rss,
                                   "bundle_bytes": bundle_bytes, "kv_cache_bytes": kv_bytes,
                                   "ratio_to_limit": rss / (bundle_bytes + kv_bytes)})
+        save()
     result.graphs = graph_rows(baseline, measured)
-    seen = set()
-    for target in targets:
-        if target.bundle not in seen:
-            seen.add(target.bundle)
-            result.sizes.extend(component_sizes(target.bundle, target.manifest, params))
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(result.to_json(), indent=2))
-        (out / "bench.md").write_text(markdown_table(result))
-        _plot(result, out / "bench.png")
+        save()
+        _plot(result, Path(out) / "bench.png")
     return result
 
 

@@ -38,11 +38,16 @@ from hartkit.quantize.schemes import Scheme
 # ----------------------------------------------------------------------------- weight rules
 
 
+# onnxruntime's blockwise quantizer (MLAS, 1.32) takes blocks of 16..256 only: "Only block sizes 16, 32,
+# 64, 128, 256 are supported" (found exporting the 0.7B shape, K = 1536 and 1024).
+INT8_MAX_BLOCK = 256
+
+
 def int8_block(k: int) -> int:
-    """MatMulNBits block for onnx ``int8``: one block per output channel when K is a power of two;
-    else the largest power-of-two divisor of K (e.g. 1536 -> 3 blocks of 512), so no padding is
-    stored. MatMulNBits needs a power of two >= 16: K with a smaller divisor pads to the next one."""
-    block = k & -k  # largest power of two dividing k
+    """MatMulNBits block for onnx ``int8``: one block per output channel when K is a power of two up to
+    256; else the largest power-of-two divisor of K, at most 256 (e.g. 1536 -> 6 blocks of 256), so no
+    padding is stored. MatMulNBits needs a power of two >= 16: K with a smaller divisor pads to the next one."""
+    block = min(k & -k, INT8_MAX_BLOCK)  # largest power of two dividing k
     if block < 16:
         block = max(16, 1 << (k - 1).bit_length())
     return block

@@ -74,8 +74,8 @@ SUPPORT: dict[tuple[str, str], Cell] = {
                             "weights stored as float16 initializers + Cast to float32 (compute stays fp32; "
                             "onnxconverter-common is not used)"),
     ("int8", "onnx"): _cell("linear", "MatMulNBitsQuantizer(bits=8, symmetric; block = the largest power-of-two "
-                                      "divisor of K: one scale per output channel when K is a power of two, "
-                                      "e.g. 3 per channel for K=1536)"),
+                                      "divisor of K up to 256 (onnxruntime's limit): one scale per output channel "
+                                      "when K is a power of two <= 256, e.g. 6 per channel for K=1536)"),
     ("int4", "onnx"): _cell("linear", "MatMulNBitsQuantizer(bits=4, symmetric, block_size = group size)"),
     ("w8a8", "onnx"): _cell("linear conv", "quantize_dynamic(per_channel=True, weight_type=QInt8): "
                                            "MatMulInteger/ConvInteger, uint8 per-tensor activations", exact=False),

@@ -189,7 +189,8 @@ def _one_matmul(w_kn: np.ndarray):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
 
 
-@pytest.mark.parametrize("bits,k,block", [(4, 64, 32), (4, 96, 32), (8, 64, 64), (8, 96, 32), (8, 8, 16)])
+@pytest.mark.parametrize("bits,k,block", [(4, 64, 32), (4, 96, 32), (8, 64, 64), (8, 96, 32), (8, 8, 16),
+                                          (8, 1536, 256), (8, 1024, 256)])
 def test_matmulnbits_rule_equals_onnxruntime(bits, k, block):
     import onnxruntime as ort
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
@@ -197,7 +198,7 @@ def test_matmulnbits_rule_equals_onnxruntime(bits, k, block):
     from hartkit.quantize.fakequant import int8_block, nbits_ort
 
     if bits == 8:
-        assert int8_block(k) == block  # 64 -> one block per channel; 96 -> 3 blocks of 32; 8 -> padded to 16
+        assert int8_block(k) == block  # 64 -> one per channel; 96 -> 3 blocks of 32; 8 -> padded to 16; 1536 -> 6 x 256
     rng = np.random.default_rng(k + bits)
     w = (rng.standard_normal((k, 24)) * 0.1).astype(np.float32)
     x = rng.standard_normal((3, k)).astype(np.float32)
