@@ -206,8 +206,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from hartkit.bench.run import format_report, run_bench
 
     backends = [b.strip() for b in args.backend.split(",") if b.strip()] if args.backend else None
-    if bool(args.bundle) == bool(args.recipes):
-        raise UsageError("give --bundle DIR (one or more) or --recipes R1,R2 --work DIR (exports them first)")
+    if not args.bundle and not args.recipes:
+        raise UsageError("give --bundle DIR (one or more) and/or --recipes R1,R2 --work DIR (exports them first)")
     bar = tqdm(desc="bench", unit="step", file=sys.stderr, bar_format="{desc}: {n_fmt} steps [{elapsed}] {postfix}")
 
     def step(message: str) -> None:
@@ -217,7 +217,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         exports: list[dict] = []
         failed: list[dict] = []
-        bundles = args.bundle or []
+        bundles = list(args.bundle or [])
         if args.recipes:
             from hartkit.bench.exports import prepare_bundles
             from hartkit.export.exporter import parse_formats
@@ -225,8 +225,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if not args.work:
                 raise UsageError("--recipes needs --work DIR (where the bundles are exported and reused)")
             recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-            bundles, exports = prepare_bundles(args.checkpoint, args.work, recipes, parse_formats(args.format),
-                                               args.resolution, progress=step)
+            prepared, exports = prepare_bundles(args.checkpoint, args.work, recipes, parse_formats(args.format),
+                                                args.resolution, progress=step)
+            bundles = prepared + bundles
         elif args.resolution is not None:
             raise UsageError("--resolution applies with --recipes (a bundle's resolution is fixed at export)")
         failed = [e for e in exports if e.get("failed")]
@@ -522,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "over the bit limit; with --recipes, each recipe's export time and peak memory. Writes bench.json, "
                     "bench.md (the table) and bench.png with --out.")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="the checkpoint the bundles were exported from")
-    p.add_argument("--bundle", action="append", metavar="DIR", help="an export bundle (repeat for several)")
+    p.add_argument("--bundle", action="append", metavar="DIR",
+                   help="an export bundle (repeat for several; with --recipes: measured beside them)")
     p.add_argument("--recipes", metavar="R1,R2",
                    help="export these recipes first (fp32 = no quantization; e.g. fp32,laptop,phone) into --work")
     p.add_argument("--format", default="onnx,executorch",

@@ -57,10 +57,11 @@ def test_bench_exports_recipes_at_a_lower_resolution_and_reuses_them(tiny_checkp
     assert json.loads((work / STATS).read_text())["fp32-onnx-16px"]["recipe"] == "fp32"
 
 
-def test_bench_refuses_bundles_and_recipes_together(tiny_checkpoint, tmp_path, capsys):
-    assert main(["bench", "--checkpoint", str(tiny_checkpoint), "--bundle", str(tmp_path), "--recipes", "fp32",
-                 "--work", str(tmp_path)]) == 2
+def test_bench_needs_something_to_measure(tiny_checkpoint, tmp_path, capsys):
+    assert main(["bench", "--checkpoint", str(tiny_checkpoint)]) == 2
     assert "--bundle" in capsys.readouterr().err
+    assert main(["bench", "--checkpoint", str(tiny_checkpoint), "--recipes", "fp32"]) == 2
+    assert "--work" in capsys.readouterr().err
 
 
 def test_a_failed_export_is_recorded_with_its_reason(tiny_checkpoint, tmp_path, monkeypatch):
