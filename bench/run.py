@@ -36,13 +36,34 @@ def median_time(fn: Callable[[], object], warmup: int = 1, runs: int = 5) -> flo
     return statistics.median(times)
 
 
-def gemm_flops(n: int = 1024, runs: int = 5) -> float:
-    """This machine's fp32 GEMM throughput (FLOP/s) through torch (MKL/oneDNN), all threads."""
+def gemm_flops(n: int = 2048, runs: int = 5) -> dict[str, float]:
+    """This machine's fp32 GEMM throughput (FLOP/s, all threads) through each library at hand: torch
+    (MKL/oneDNN), numpy (OpenBLAS) and onnxruntime (MLAS). The best one is the bound the AR graphs are
+    held to: libraries differ a lot by CPU (MKL runs AVX2 code on AMD, MLAS AVX-512)."""
     import torch
 
+    out = {}
     a, b = torch.randn(n, n), torch.randn(n, n)
-    t = median_time(lambda: torch.mm(a, b), warmup=2, runs=runs)
-    return 2.0 * n**3 / t
+    out["torch"] = 2.0 * n**3 / median_time(lambda: torch.mm(a, b), warmup=2, runs=runs)
+    x, y = a.numpy(), b.numpy()
+    out["numpy"] = 2.0 * n**3 / median_time(lambda: x @ y, warmup=2, runs=runs)
+    try:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "y"], ["z"])], "gemm",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n]),
+                                   helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
+                                  [helper.make_tensor_value_info("z", TensorProto.FLOAT, [n, n])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        feeds = {"x": x, "y": y}
+        out["onnxruntime"] = 2.0 * n**3 / median_time(lambda: sess.run(None, feeds), warmup=2, runs=runs)
+        del onnx
+    except ImportError:  # the onnx extra is optional
+        pass
+    return out
 
 
 class TimingBackend:
@@ -100,9 +121,21 @@ def machine_info() -> dict:
 
     import torch
 
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    gemm = gemm_flops()
+    return {"platform": platform.platform(), "processor": _cpu_name() or platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gemm_fp32_flops": gemm_flops()}
+            "gemm_fp32_flops": max(gemm.values()), "gemm_fp32_flops_by_library": gemm}
+
+
+def _cpu_name() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
 
 
 FORMAT_BACKEND = {"onnx": "onnxruntime", "executorch": "executorch", "coreml": "coreml"}
@@ -230,14 +263,33 @@ def ar_stage_efficiency(model_cfg, vocab_size: int, calls: Sequence[tuple[str, f
 
 def peak_rss_of_generation(bundle: Path, backend: str) -> int:
     """Peak resident memory (bytes) of a fresh process that loads the bundle and generates one image."""
-    code = ("import resource, sys\nfrom hartkit.runtime.pipeline import Pipeline\n"
+    code = ("from hartkit.runtime.pipeline import Pipeline\n"
+            "from hartkit.bench.run import own_peak_rss\n"
             f"p = Pipeline.from_exported({str(bundle)!r}, backend={backend!r})\n"
             f"p.generate({PROMPT!r}, seed=0)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print(own_peak_rss())")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
     if res.returncode != 0:
         raise RuntimeError(f"generation subprocess failed: {res.stderr.strip().splitlines()[-1:]}")
-    return int(res.stdout.strip().splitlines()[-1]) * 1024  # Linux reports KiB
+    return int(res.stdout.strip().splitlines()[-1])
+
+
+def own_peak_rss() -> int:
+    """Peak resident bytes of this process's own address space.
+
+    Linux keeps ``ru_maxrss`` across fork + exec, so a child started by a 20 GB parent reports at
+    least 20 GB; ``VmHWM`` belongs to the current memory map and starts afresh at exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def format_files(bundle: Path, manifest: dict, fmt: str) -> dict[str, str]:
@@ -254,6 +306,8 @@ def format_files(bundle: Path, manifest: dict, fmt: str) -> dict[str, str]:
     roots = tuple(sorted({rel.split("/", 1)[0] + "/" for rel in out}))
     for art in manifest.get("artifacts", []):
         rel = art["path"]
+        if rel.endswith(".json"):  # reports beside the programs (delegation.json), not weights
+            continue
         if rel in out or any(rel.startswith(r.rstrip("/") + "/") and r.rstrip("/") in out for r in out):
             continue  # a graph file, or a file inside a graph's package folder
         if not rel.startswith(roots):
@@ -331,8 +385,10 @@ def component_sizes(bundle: Path, manifest: dict, params: Mapping[str, int]) -> 
 
 
 def format_report(result: BenchResult) -> str:
+    by_lib = result.machine.get("gemm_fp32_flops_by_library", {})
     lines = [f"fp32 GEMM throughput: {result.machine.get('gemm_fp32_flops', 0) / 1e9:.1f} GFLOP/s "
-             f"({result.machine.get('torch_threads')} threads)"]
+             f"({result.machine.get('torch_threads')} threads; "
+             + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in by_lib.items()) + ")"]
     for row in result.exports:
         lines.append(f"export {row['recipe']:8} {','.join(row['formats']):18} {row['seconds']:8.1f} s  "
                      f"peak RSS {row['peak_rss_bytes'] / 1e9:6.2f} GB" + ("  (reused)" if row.get("reused") else "")
@@ -456,8 +512,9 @@ def run_bench(checkpoint: str | Path, bundles: str | Path | Sequence[str | Path]
 def markdown_table(result: BenchResult) -> str:
     """The table a person reads (and the README's): end to end, sizes, memory."""
     m = result.machine
+    libs = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in m.get("gemm_fp32_flops_by_library", {}).items())
     lines = [f"Machine: {m.get('processor', '?')}, {m.get('cpus', '?')} CPUs, torch threads {m.get('torch_threads')}, "
-             f"fp32 GEMM {m.get('gemm_fp32_flops', 0) / 1e9:.0f} GFLOP/s.", "",
+             f"fp32 GEMM {m.get('gemm_fp32_flops', 0) / 1e9:.0f} GFLOP/s ({libs}).", "",
              "| pipeline | seconds | speed-up vs torch fp32 | text enc. | AR | diffusion head | VAE | host | "
              "PSNR vs fp32 | tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in result.end_to_end:
@@ -467,6 +524,13 @@ def markdown_table(result: BenchResult) -> str:
                                                          else f"differ from stage {row['first_divergent_stage']}")
                if "psnr_vs_fp32_db" in row else "- | -")
         lines.append(f"| {row['pipeline']} | {row['seconds']:.2f} | {row['speedup']:.2f}x | {parts} | {fid} |")
+    if result.ar_stages:
+        lines += ["", "| pipeline | AR stage (tokens) | GFLOP | ms | % of fp32 GEMM peak |", "|---|---|---|---|---|"]
+        for label in dict.fromkeys(r["pipeline"] for r in result.ar_stages):
+            rows = [r for r in result.ar_stages if r["pipeline"] == label]
+            for r in [rows[0]] + sorted(rows[1:], key=lambda r: -r["gflop"])[:2]:  # the context and the 2 largest
+                lines.append(f"| {label} | {r['si']} ({r['tokens']}) | {r['gflop']:.1f} | {r['seconds'] * 1e3:.0f} | "
+                             f"{100 * r['fraction_of_gemm_peak']:.0f} % |")
     if result.sizes:
         lines += ["", "| recipe | format | component | MB | bits | x bit limit |", "|---|---|---|---|---|---|"]
         for r in result.sizes:

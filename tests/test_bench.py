@@ -73,3 +73,14 @@ def test_a_failed_export_is_recorded_with_its_reason(tiny_checkpoint, tmp_path, 
     bundles, rows = ex.prepare_bundles(tiny_checkpoint, tmp_path, ["fp32"], ["onnx"], None)
     assert bundles == [] and rows[0]["failed"] == "killed by SIGKILL (out of memory?)"
     assert json.loads((tmp_path / STATS).read_text())["fp32-onnx"]["failed"]
+
+
+def test_peak_rss_is_the_childs_own_not_inherited_from_a_big_parent():
+    """Linux keeps ru_maxrss across fork+exec; the bench reads VmHWM, which starts afresh."""
+    import subprocess
+
+    big = np.ones(300_000_000 // 8)  # ~300 MB resident in this (parent) process
+    code = "from hartkit.bench.run import own_peak_rss; print(own_peak_rss())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert 1e6 < int(out.strip()) < 250e6
+    assert big.sum() > 0
