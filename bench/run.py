@@ -525,28 +525,33 @@ def markdown_table(result: BenchResult) -> str:
                if "psnr_vs_fp32_db" in row else "- | -")
         lines.append(f"| {row['pipeline']} | {row['seconds']:.2f} | {row['speedup']:.2f}x | {parts} | {fid} |")
     if result.ar_stages:
-        lines += ["", "| pipeline | AR stage (tokens) | GFLOP | ms | % of fp32 GEMM peak |", "|---|---|---|---|---|"]
+        rows = []
         for label in dict.fromkeys(r["pipeline"] for r in result.ar_stages):
-            rows = [r for r in result.ar_stages if r["pipeline"] == label]
-            for r in [rows[0]] + sorted(rows[1:], key=lambda r: -r["gflop"])[:2]:  # the context and the 2 largest
-                lines.append(f"| {label} | {r['si']} ({r['tokens']}) | {r['gflop']:.1f} | {r['seconds'] * 1e3:.0f} | "
-                             f"{100 * r['fraction_of_gemm_peak']:.0f} % |")
-    if result.sizes:
-        lines += ["", "| recipe | format | component | MB | bits | x bit limit |", "|---|---|---|---|---|---|"]
-        for r in result.sizes:
-            lines.append(f"| {r['recipe']} | {r['format']} | {r['component']} | {r['bytes'] / 1e6:.1f} | {r['bits']:g} | "
-                         f"{r['ratio_to_limit']:.2f} |")
-    if result.memory:
-        lines += ["", "| pipeline | peak RSS (MB) | bundle + KV cache (MB) | ratio |", "|---|---|---|---|"]
-        for r in result.memory:
-            lines.append(f"| {r['pipeline']} | {r['peak_rss_bytes'] / 1e6:.0f} | "
-                         f"{(r['bundle_bytes'] + r['kv_cache_bytes']) / 1e6:.0f} | {r['ratio_to_limit']:.2f} |")
-    if result.exports:
-        lines += ["", "| export | format | seconds | peak RSS (GB) | result |", "|---|---|---|---|---|"]
-        for r in result.exports:
-            lines.append(f"| {r['recipe']} | {', '.join(r['formats'])} | {r['seconds']:.0f} | {r['peak_rss_bytes'] / 1e9:.2f} | "
-                         + (f"failed: {r['failed']} |" if r.get("failed") else ("reused |" if r.get("reused") else "ok |")))
+            mine = [r for r in result.ar_stages if r["pipeline"] == label]
+            for r in [mine[0]] + sorted(mine[1:], key=lambda r: -r["gflop"])[:2]:  # the context and the 2 largest
+                rows.append([label, f"{r['si']} ({r['tokens']})", f"{r['gflop']:.1f}", f"{r['seconds'] * 1e3:.0f}",
+                             f"{100 * r['fraction_of_gemm_peak']:.0f} %"])
+        lines += _md_table(["pipeline", "AR stage (tokens)", "GFLOP", "ms", "% of fp32 GEMM peak"], rows)
+    lines += _md_table(["recipe", "format", "component", "MB", "bits", "x bit limit"],
+                       [[r["recipe"], r["format"], r["component"], f"{r['bytes'] / 1e6:.1f}", f"{r['bits']:g}",
+                         f"{r['ratio_to_limit']:.2f}"] for r in result.sizes])
+    lines += _md_table(["pipeline", "peak RSS (MB)", "bundle + KV cache (MB)", "ratio"],
+                       [[r["pipeline"], f"{r['peak_rss_bytes'] / 1e6:.0f}",
+                         f"{(r['bundle_bytes'] + r['kv_cache_bytes']) / 1e6:.0f}", f"{r['ratio_to_limit']:.2f}"]
+                        for r in result.memory])
+    lines += _md_table(["export", "format", "seconds", "peak RSS (GB)", "result"],
+                       [[r["recipe"], ", ".join(r["formats"]), f"{r['seconds']:.0f}", f"{r['peak_rss_bytes'] / 1e9:.2f}",
+                         f"failed: {r['failed']}" if r.get("failed") else ("reused" if r.get("reused") else "ok")]
+                        for r in result.exports])
     return "\n".join(lines) + "\n"
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Lines of a markdown table after a blank line; nothing for no rows."""
+    if not rows:
+        return []
+    return ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def _plot(result: BenchResult, path: Path) -> None:
