@@ -75,16 +75,22 @@ def _text_model_dir(checkpoint: Path, text_model: str | None) -> Path:
     raise UsageError(f"{checkpoint}: no text_model/ folder inside; pass --text-model DIR (a Qwen2 model folder)")
 
 
-def _generate_images(checkpoint: Path, text_model: Path, prompts: list[str], seed: int, cfg: float,
-                     more_smooth: bool, top_p: float, resolution: int | None = None):
-    from tqdm import tqdm
-
+def _load_reference(checkpoint: Path, text_model: Path, resolution: int | None = None):
+    """(model, text encoder) for the PyTorch reference sampler."""
     from hartkit.model.checkpoint import load_hart
-    from hartkit.model.sampler import SamplerOptions, generate_from_prompts
     from hartkit.model.text_encoder import TextEncoder
 
-    model = load_hart(checkpoint, resolution=resolution)
-    encoder = TextEncoder.from_pretrained(text_model)
+    return load_hart(checkpoint, resolution=resolution), TextEncoder.from_pretrained(text_model)
+
+
+def _generate_images(checkpoint: Path, text_model: Path, prompts: list[str], seed: int, cfg: float,
+                     more_smooth: bool, top_p: float, resolution: int | None = None, loaded=None):
+    """``loaded``: a (model, encoder) pair from :func:`_load_reference`, to reuse instead of loading."""
+    from tqdm import tqdm
+
+    from hartkit.model.sampler import SamplerOptions, generate_from_prompts
+
+    model, encoder = loaded or _load_reference(checkpoint, text_model, resolution)
     bar = tqdm(total=model.cfg.num_stages, desc="generating", unit="stage", file=sys.stderr)
     try:
         images, _ = generate_from_prompts(
@@ -290,18 +296,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         checkpoint = out_dir / "checkpoint-tiny"
         if not (checkpoint / "llm" / "config.json").is_file():
             init_checkpoint("tiny", checkpoint, seed=0, overwrite=True)
-    images = _generate_images(checkpoint, checkpoint / "text_model", [args.prompt], args.seed, args.cfg, True, 0.0)
+    loaded = _load_reference(checkpoint, checkpoint / "text_model")
+    images = _generate_images(checkpoint, checkpoint / "text_model", [args.prompt], args.seed, args.cfg, True, 0.0,
+                              loaded=loaded)
     paths = _save_images(images, out_dir / "demo.png")
     print(f"prompt: {args.prompt!r}  seed: {args.seed}")
     print(f"wrote {paths[0]} from checkpoint {checkpoint} (PyTorch reference sampler)")
     if checkpoint == demo_checkpoint():
-        _demo_grid(checkpoint, out_dir, args, images[0])
+        _demo_grid(checkpoint, out_dir, args, images[0], loaded)
     if args.quick:
         return 0
     return _demo_exported(checkpoint, out_dir, args, images[0])
 
 
-def _demo_grid(checkpoint: Path, out_dir: Path, args: argparse.Namespace, image) -> None:
+def _demo_grid(checkpoint: Path, out_dir: Path, args: argparse.Namespace, image, loaded) -> None:
     """What the demo model can and cannot draw: the caption judge's verdict on the main image, and a grid
     of held-out prompts (never seen in training) with each verdict."""
     from hartkit.runtime.images import caption_grid
@@ -317,7 +325,8 @@ def _demo_grid(checkpoint: Path, out_dir: Path, args: argparse.Namespace, image)
         print("caption judge: the prompt is outside the demo model's scene vocabulary (see assets/demo/README.md)")
     held = scenes.heldout_prompts(100)
     prompts = held[:4] + held[9:13]  # four one-shape and four two-shape captions
-    grid = _generate_images(checkpoint, checkpoint / "text_model", prompts, args.seed, args.cfg, True, 0.0)
+    grid = _generate_images(checkpoint, checkpoint / "text_model", prompts, args.seed, args.cfg, True, 0.0,
+                            loaded=loaded)
     results = [caption_score.score(img, p) for img, p in zip(grid, prompts)]
     path = caption_grid(grid, [f"{p} [{verdict(r)}]" for p, r in zip(prompts, results)], out_dir / "demo-grid.png",
                         cols=4, scale=2)

@@ -46,7 +46,10 @@ def export_command(checkpoint: Path, out: Path, recipe: str, formats: Sequence[s
 
 
 def run_measured(cmd: list[str], log: Path) -> tuple[float, int, int]:
-    """(seconds, peak RSS bytes, exit code) of one child process (its own rusage via wait4)."""
+    """(seconds, peak RSS bytes, exit code) of one child process (its own rusage via wait4).
+
+    Linux carries ``ru_maxrss`` over fork + exec, so the figure is at least this (small, model-free)
+    process's RSS at the fork; generation's peak is read in the child instead (run.own_peak_rss)."""
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)

@@ -48,7 +48,6 @@ def gemm_flops(n: int = 2048, runs: int = 5) -> dict[str, float]:
     x, y = a.numpy(), b.numpy()
     out["numpy"] = 2.0 * n**3 / median_time(lambda: x @ y, warmup=2, runs=runs)
     try:
-        import onnx
         import onnxruntime as ort
         from onnx import TensorProto, helper
 
@@ -60,7 +59,6 @@ def gemm_flops(n: int = 2048, runs: int = 5) -> dict[str, float]:
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         feeds = {"x": x, "y": y}
         out["onnxruntime"] = 2.0 * n**3 / median_time(lambda: sess.run(None, feeds), warmup=2, runs=runs)
-        del onnx
     except ImportError:  # the onnx extra is optional
         pass
     return out
@@ -138,7 +136,10 @@ def _cpu_name() -> str | None:
     return None
 
 
-FORMAT_BACKEND = {"onnx": "onnxruntime", "executorch": "executorch", "coreml": "coreml"}
+def _format_backend() -> dict[str, str]:
+    from hartkit.runtime.backends import BACKEND_FORMAT
+
+    return {fmt: backend for backend, fmt in BACKEND_FORMAT.items() if backend != "torch"}
 
 
 @dataclass
@@ -155,7 +156,9 @@ class Target:
 
     @property
     def format(self) -> str:
-        return next(f for f, b in FORMAT_BACKEND.items() if b == self.backend)
+        from hartkit.runtime.backends import BACKEND_FORMAT
+
+        return BACKEND_FORMAT[self.backend]
 
     @property
     def label(self) -> str:
@@ -166,11 +169,12 @@ def targets_of(bundles: Sequence[Path], backends: Sequence[str] | None) -> tuple
     """Every (bundle, backend) pair to measure, and notes on what was skipped."""
     from hartkit.runtime.bundle import read_manifest
 
+    format_backend = _format_backend()
     targets, notes = [], []
     for bundle in bundles:
         manifest = read_manifest(Path(bundle))
         for fmt in manifest.get("files", {}):
-            backend = FORMAT_BACKEND.get(fmt)
+            backend = format_backend.get(fmt)
             if backend is None or (backends and backend not in backends):
                 continue
             if backend == "coreml" and sys.platform != "darwin":
@@ -292,42 +296,17 @@ def own_peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def format_files(bundle: Path, manifest: dict, fmt: str) -> dict[str, str]:
-    """Every file of one format (relative path -> the component whose weights it holds, ``all`` when it
-    holds several): graph files, their ``.data`` companions, and shared weight files named
-    ``<component>...`` (anything else in the format's folder counts as ``all``)."""
-    from hartkit.quantize.schemes import COMPONENTS
-
-    graph_component = {g["name"]: g.get("weights", "") for g in manifest["graphs"]}
-    owner: dict[str, set[str]] = {}
-    for graph, rel in manifest.get("files", {}).get(fmt, {}).items():
-        owner.setdefault(rel, set()).add(graph_component.get(graph, ""))
-    out = {rel: (next(iter(c)) if len(c) == 1 else "all") for rel, c in owner.items()}
-    roots = tuple(sorted({rel.split("/", 1)[0] + "/" for rel in out}))
-    for art in manifest.get("artifacts", []):
-        rel = art["path"]
-        if rel.endswith(".json"):  # reports beside the programs (delegation.json), not weights
-            continue
-        if rel in out or any(rel.startswith(r.rstrip("/") + "/") and r.rstrip("/") in out for r in out):
-            continue  # a graph file, or a file inside a graph's package folder
-        if not rel.startswith(roots):
-            continue
-        base = next((g for g in out if rel.startswith(g + ".")), None)  # <graph file>.data
-        name = rel.rsplit("/", 1)[-1]
-        comp = out[base] if base else next((c for c in COMPONENTS if name.startswith(c)), "all")
-        out[rel] = comp
-    return out
-
-
 def _path_bytes(path: Path) -> int:
-    if path.is_dir():
+    if path.is_dir():  # a Core ML package
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size if path.exists() else 0
 
 
-def format_bytes(bundle: Path, manifest: dict, fmt: str) -> int:
-    """Bytes of one format's files, each file once (shared weight files included once)."""
-    return sum(_path_bytes(bundle / rel) for rel in format_files(bundle, manifest, fmt))
+def format_bytes(manifest: dict, fmt: str) -> int:
+    """Bytes of one format's files: everything the manifest lists under ``<fmt>/`` (graph files, packages,
+    shared weight files) but the reports beside them (``<fmt>/*.json``)."""
+    return sum(a["size"] for a in manifest.get("artifacts", [])
+               if a["path"].startswith(f"{fmt}/") and not (a["path"].endswith(".json") and a["path"].count("/") == 1))
 
 
 def component_bits(manifest: dict, fmt: str) -> dict[str, float]:
@@ -355,11 +334,12 @@ def component_params(model, encoder) -> dict[str, int]:
 
 
 def component_sizes(bundle: Path, manifest: dict, params: Mapping[str, int]) -> list[dict]:
-    """Bytes on disk per (format, component) against parameters x bits / 8 (see :func:`format_files`;
-    a file holding several components is reported as ``all`` against the sum of their limits)."""
+    """Bytes on disk per (format, component) against parameters x bits / 8 (a file holding several
+    components is reported as ``all`` against the sum of their limits)."""
     from hartkit.bench.flops import bit_limit_bytes
 
     recipe = (manifest.get("recipe") or {}).get("name", "fp32")
+    graph_component = {g["name"]: g.get("weights", "") for g in manifest["graphs"]}
     rows = []
     for fmt in manifest.get("files", {}):
         bits = component_bits(manifest, fmt)
@@ -367,9 +347,14 @@ def component_sizes(bundle: Path, manifest: dict, params: Mapping[str, int]) -> 
         shared = manifest.get("onnx_weights", {}).get("component_bytes") if fmt == "onnx" else None
         if shared:  # ONNX graphs read one shared weights file: the exporter counted each component's ranges
             per = {c: int(b) for c, b in shared.items()}
-        else:
-            for rel, comp in format_files(bundle, manifest, fmt).items():
-                per[comp] = per.get(comp, 0) + _path_bytes(bundle / rel)
+        else:  # one file (or package) per program: its graphs' component, or "all" when they differ
+            owners: dict[str, set[str]] = {}
+            for graph, rel in manifest["files"][fmt].items():
+                owners.setdefault(rel, set()).add(graph_component.get(graph, ""))
+            for rel, comps in owners.items():
+                comp = next(iter(comps)) if len(comps) == 1 else "all"
+                # + an ONNX graph's own external data (<graph>.onnx.data, bundles from before weights.bin)
+                per[comp] = per.get(comp, 0) + _path_bytes(bundle / rel) + _path_bytes(bundle / f"{rel}.data")
         for comp, size in sorted(per.items()):
             if comp == "all":
                 limit = sum(bit_limit_bytes(params[c], bits[c]) for c in params)
@@ -497,7 +482,7 @@ def run_bench(checkpoint: str | Path, bundles: str | Path | Sequence[str | Path]
         if measure_memory:
             say(f"{target.label}: peak RSS")
             rss = peak_rss_of_generation(target.bundle, target.backend)
-            bundle_bytes = format_bytes(target.bundle, target.manifest, target.format)
+            bundle_bytes = format_bytes(target.manifest, target.format)
             result.memory.append({"pipeline": target.label, "backend": target.backend, "peak_rss_bytes": rss,
                                   "bundle_bytes": bundle_bytes, "kv_cache_bytes": kv_bytes,
                                   "ratio_to_limit": rss / (bundle_bytes + kv_bytes)})

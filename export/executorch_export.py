@@ -326,13 +326,10 @@ def export_executorch(specs: list[GraphSpec], modules: Mapping[str, nn.Module], 
             files[name] = f"{SUBDIR}/{part.file}"
             methods[name] = {"file": files[name], "weight_bytes": sum(weights[name].values()),
                              **part.delegation[name]}
-    unique: dict[tuple[int, int], int] = {}
-    for w in weights.values():
-        unique.update(w)
     summary = {
         "files": stored,
         "weight_bytes_summed_per_graph": sum(sum(w.values()) for w in weights.values()),
-        "weight_bytes_distinct": sum(unique.values()),
+        "weight_bytes_distinct": sum(distinct.values()),
         "lowering_seconds": round(seconds, 1),
         "fallback": fallback,
         "methods": {name: methods[name] for name in graph_order},

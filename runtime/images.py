@@ -12,12 +12,17 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     """Write a uint8 [H, W, 3] image atomically (temp file + rename)."""
     from PIL import Image
 
-    path = Path(path)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"expected a uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
+    return _write_png(Image.fromarray(image), path)
+
+
+def _write_png(image, path: str | os.PathLike) -> Path:
+    """Save a PIL image as PNG atomically (temp file + rename)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
+    image.save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
 
@@ -49,9 +54,4 @@ def caption_grid(images: np.ndarray, captions: list[str], path: str | os.PathLik
         big = Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST)
         grid.paste(big, (x0 + (cell_w - w * scale) // 2, y0))
         draw.multiline_text((x0 + 3, y0 + h * scale + 2), text, fill=(0, 0, 0), spacing=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return _write_png(grid, path)
