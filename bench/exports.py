@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from hartkit.errors import HartkitError
+
 
 STATS = "exports.json"  # beside the bundles (not inside: the bundle's checksums stay the bundle's)
 
@@ -29,9 +31,20 @@ def _matches(bundle: Path, recipe: str, formats: Sequence[str], resolution: int 
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError:
         return False
-    name = (manifest.get("recipe") or {}).get("name", "fp32")
+    got = manifest.get("recipe") or {}
     size_ok = resolution is None or manifest.get("loop", {}).get("image_size") == resolution
-    return name == recipe and size_ok and set(formats) <= set(manifest.get("files", {}))
+    # a preset whose schemes changed since the bundle was made is not the same recipe any more
+    same = got.get("name", "fp32") == recipe and (recipe == "fp32" or got == _recipe_dict(recipe))
+    return same and size_ok and set(formats) <= set(manifest.get("files", {}))
+
+
+def _recipe_dict(recipe: str) -> dict | None:
+    from hartkit.quantize.recipe import Recipe
+
+    try:
+        return Recipe.load(recipe).to_dict()
+    except HartkitError:
+        return None
 
 
 def export_command(checkpoint: Path, out: Path, recipe: str, formats: Sequence[str],

@@ -770,7 +770,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     for name in ("seed", "threads", "num_images", "vae_steps", "vae_batch", "ar_steps", "ar_batch", "warmup",
                  "restart_every"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
-    for name in ("vae_lr", "ar_lr", "fg_weight", "text_lr", "scale_weight"):
+    for name in ("vae_lr", "ar_lr", "fg_weight", "text_lr", "scale_weight", "two_shape_prob"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
     p.add_argument("--preset", default=None)
     p.add_argument("--tokenizer-only", action="store_true", help="stop after training the tokenizer")

@@ -5,9 +5,10 @@ the sensitivity analysis uses them to quantize one layer at a time without expor
 
 Weights are fake-quantized (quantize -> dequantize, kept in float32) with each format's exact rule:
 
-* onnx ``int8`` / ``int4``: MatMulNBits, blockwise along the input dim, symmetric with the block's
-  signed extreme mapped to ``-2^(b-1)`` (``scale = w[argmax|w|] / -2^(b-1)``, ``q`` in ``[-2^(b-1),
-  2^(b-1)-1]``) — read from onnxruntime's quantizer and checked against it in the tests.
+* onnx ``int8`` / ``int4`` (and ``8da8w`` / ``8da4w``, the same weights): MatMulNBits, blockwise along
+  the input dim, symmetric with the block's signed extreme mapped to ``-2^(b-1)`` (``scale =
+  w[argmax|w|] / -2^(b-1)``, ``q`` in ``[-2^(b-1), 2^(b-1)-1]``) — read from onnxruntime's quantizer
+  and checked against it in the tests.
 * onnx ``w8a8`` / ``w8a8_static``: int8 per output channel, ``scale = max|w| / 127`` (w8a8 Conv:
   per tensor — quantize_dynamic's ConvInteger path ignores per_channel).
 * coreml ``int8`` / ``int4``: linear_symmetric on the fp16 weight, ``scale = max|w| / (2^(b-1) - 1)``
@@ -15,7 +16,8 @@ Weights are fake-quantized (quantize -> dequantize, kept in float32) with each f
 * ``fp16``: weights rounded to float16.
 
 Activations (``w8a8``: onnxruntime's DynamicQuantizeLinear, uint8 per tensor over the whole input;
-``w8a8_static``: fixed calibrated uint8 scale/zero point) are fake-quantized by a torch function
+``w8a8_static``: fixed calibrated uint8 scale/zero point; onnx ``8da8w`` / ``8da4w``: MatMulNBits with
+``accuracy_level=4``, int8 per row and weight block) are fake-quantized by a torch function
 mode around the graph's forward, because one AR weight is used through ``F.linear`` without calling
 its module (module hooks would miss it).
 """
@@ -54,7 +56,7 @@ def int8_block(k: int) -> int:
 
 
 def ort_block_size(layer_k: int, scheme: Scheme) -> int:
-    return int8_block(layer_k) if scheme.name == "int8" else int(scheme.group_size)
+    return int8_block(layer_k) if scheme.name in ("int8", "8da8w") else int(scheme.group_size)
 
 
 def nbits_ort(w: Tensor, bits: int, block: int) -> Tensor:
@@ -96,7 +98,7 @@ def fake_weight(w: Tensor, kind: str, scheme: Scheme, fmt: str) -> Tensor:
     if name == "fp16":
         return w.detach().half().float()
     if fmt == "onnx":
-        if name in ("int8", "int4"):
+        if name in ("int8", "int4", "8da8w", "8da4w"):
             return nbits_ort(w, scheme.bits, ort_block_size(w.shape[1], scheme))
         if name == "w8a8" and kind == "conv":
             # quantize_dynamic quantizes Conv weights per tensor (ConvInteger), even with per_channel
@@ -160,6 +162,34 @@ def dynamic_uint8(x: Tensor) -> Tensor:
     zp = torch.clamp(torch.round(-lo / scale), 0, 255)
     q = torch.clamp(torch.round(xf / scale) + zp, 0, 255)
     return (q - zp) * scale
+
+
+def blockwise_int8(block: int) -> Callable[[Tensor], Tensor]:
+    """MatMulNBits ``accuracy_level=4`` (MLAS "CompInt8"): the activation is quantized per row and per
+    block of ``block`` input channels (the weight's block), symmetric int8, ``scale = max|x| / 127``,
+    ties to even; the input dim is zero-padded to the block. Checked against onnxruntime in the tests
+    (about 90 dB apart: only the summation order differs)."""
+
+    def rule(x: Tensor) -> Tensor:
+        xf = x.float()
+        k = xf.shape[-1]
+        pad = (-k) % block
+        if pad:
+            xf = F.pad(xf, (0, pad))
+        g = xf.reshape(*xf.shape[:-1], -1, block)
+        scale = g.abs().amax(dim=-1, keepdim=True) / 127.0
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        q = torch.clamp(torch.round(g / safe), -127, 127)
+        return (q * scale).reshape(xf.shape)[..., :k]
+
+    return rule
+
+
+def dynamic_rule(scheme: Scheme, weight: Tensor) -> Callable[[Tensor], Tensor]:
+    """The onnx activation rule of a dynamic scheme for a layer with this weight ``[out, in, ...]``."""
+    if scheme.name == "w8a8":
+        return dynamic_uint8
+    return blockwise_int8(ort_block_size(int(weight.shape[1]), scheme))
 
 
 def static_uint8(x: Tensor, scale: float, zero_point: int) -> Tensor:
@@ -259,7 +289,7 @@ def activation_rules(model, encoder, schemes: Mapping[str, Scheme], fmt: str,
             continue
         w = mods[name].weight
         if act == "dynamic":
-            rules[id(w)] = dynamic_uint8
+            rules[id(w)] = dynamic_rule(scheme, w)
         elif act == "static":
             per_graph = {}
             for graph, (lo, hi) in (ranges or {}).get(name, {}).items():

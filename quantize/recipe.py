@@ -50,18 +50,31 @@ PRESETS: dict[str, dict] = {
     },
     "laptop": {
         "name": "laptop",
-        "description": "int8 AR transformer, fp16 elsewhere",
+        "description": "int8 text encoder and AR transformer with int8 compute, fp16 diffusion head and VAE",
         "default": "fp16",
-        "components": {"ar_transformer": "int8"},
-        # XNNPACK gives wrong results with weight-only int8 (see schemes.REFUSED): 8da8w there.
-        "formats": {"executorch": {"components": {"ar_transformer": "8da8w"}}},
+        "components": {"text_encoder": "int8", "ar_transformer": "int8"},
+        "formats": {
+            # onnxruntime computes in int8 only with activations quantized too: the AR transformer takes
+            # quantize_dynamic's MatMulInteger (3.7x the fp32 MatMul on AVX-512 VNNI), the text encoder
+            # MatMulNBits with per-block activations (1.9x), whose per-block scales keep an LLM's outlier
+            # channels from flattening a whole row (onnxruntime-genai quantizes Qwen2 the same way).
+            "onnx": {"components": {"text_encoder": "8da8w", "ar_transformer": "w8a8"}},
+            # XNNPACK gives wrong results with weight-only int8 (see schemes.REFUSED): 8da8w there; its
+            # fp16 weights are cast to fp32 in the program, which keeps those layers out of the delegate.
+            "executorch": {"default": "fp32", "components": {"text_encoder": "8da8w", "ar_transformer": "8da8w"}},
+        },
     },
     "phone": {
         "name": "phone",
         "description": "int4 AR transformer and text encoder, int8 diffusion head, fp16 VAE",
         "components": {"text_encoder": "int4", "ar_transformer": "int4", "diffusion_head": "int8", "vae": "fp16"},
-        "formats": {"executorch": {"components": {"text_encoder": "8da4w", "ar_transformer": "8da4w",
-                                                  "diffusion_head": "8da8w"}}},
+        "formats": {
+            # int8 compute on int4 weights (MatMulNBits accuracy_level=4), as onnxruntime-genai builds its
+            # int4 CPU models: what ARM phones run fast (int8 dot products).
+            "onnx": {"components": {"text_encoder": "8da4w", "ar_transformer": "8da4w", "diffusion_head": "8da8w"}},
+            "executorch": {"default": "fp32", "components": {"text_encoder": "8da4w", "ar_transformer": "8da4w",
+                                                             "diffusion_head": "8da8w"}},
+        },
     },
 }
 

@@ -44,8 +44,10 @@ SCHEMES: dict[str, SchemeInfo] = {
     "w8a8_static": SchemeInfo(8, False, "static",
                               "int8 per-channel weights and int8 activations with scales calibrated on real inputs"),
     "int4": SchemeInfo(4, True, "float", "int4 weights, symmetric, one scale per group of input channels"),
-    "8da8w": SchemeInfo(8, False, "dynamic", "torchao: int8 per-token dynamic activations, int8 per-channel weights"),
-    "8da4w": SchemeInfo(4, True, "dynamic", "torchao: int8 per-token dynamic activations, int4 per-group weights"),
+    "8da8w": SchemeInfo(8, False, "dynamic", "int8 dynamic activations (per token; onnx: per token and block), "
+                                             "int8 weights"),
+    "8da4w": SchemeInfo(4, True, "dynamic", "int8 dynamic activations (per token; onnx: per token and group), "
+                                            "int4 per-group weights"),
     "palettize4": SchemeInfo(4, False, "float", "Core ML k-means palettization: 16-entry lookup table per tensor"),
     "palettize6": SchemeInfo(6, False, "float", "Core ML k-means palettization: 64-entry lookup table per tensor"),
     "palettize8": SchemeInfo(8, False, "float", "Core ML k-means palettization: 256-entry lookup table per tensor"),
@@ -77,6 +79,15 @@ SUPPORT: dict[tuple[str, str], Cell] = {
                                       "divisor of K up to 256 (onnxruntime's limit): one scale per output channel "
                                       "when K is a power of two <= 256, e.g. 6 per channel for K=1536)"),
     ("int4", "onnx"): _cell("linear", "MatMulNBitsQuantizer(bits=4, symmetric, block_size = group size)"),
+    # accuracy_level=4: MLAS quantizes each activation row per weight block to int8 and runs integer
+    # dot products. fakequant.blockwise_int8 emulates one MatMul to ~90 dB (tested), but a float
+    # difference of one ulp can flip an activation's rounding, and those flips compound over a deep
+    # stack: the bar is relative, as for every activation-quantizing cell.
+    ("8da8w", "onnx"): _cell("linear", "MatMulNBitsQuantizer(bits=8, symmetric, block as int8, accuracy_level=4): "
+                                       "int8 activations per row and block at run time", exact=False),
+    ("8da4w", "onnx"): _cell("linear", "MatMulNBitsQuantizer(bits=4, symmetric, block_size = group size, "
+                                       "accuracy_level=4): int8 activations per row and group at run time",
+                             exact=False),
     ("w8a8", "onnx"): _cell("linear conv", "quantize_dynamic(per_channel=True, weight_type=QInt8): "
                                            "MatMulInteger/ConvInteger, uint8 per-tensor activations", exact=False),
     ("w8a8_static", "onnx"): _cell("linear conv", "quantize_static(QDQ, per_channel=True, MinMax calibration on "
@@ -112,9 +123,6 @@ REFUSED: dict[tuple[str, str], str] = {
     ("int4", "executorch"): _WEIGHT_ONLY_ET + "; use 8da4w",
     ("w8a8", "executorch"): "ExecuTorch's int8-activation scheme is torchao's 8da8w (per-token activations)",
     ("w8a8_static", "executorch"): "static activation quantization (PT2E) is not wired for XNNPACK here; use 8da8w",
-    ("8da8w", "onnx"): "8da8w is torchao's scheme for ExecuTorch; onnxruntime's int8-activation scheme is w8a8",
-    ("8da4w", "onnx"): "onnxruntime has no int4-weight kernel with dynamic int8 activations of torchao's kind; "
-                       "use int4 (MatMulNBits)",
     ("8da8w", "coreml"): "Core ML quantizes activations only statically; use int8 (weights) instead",
     ("8da4w", "coreml"): "Core ML quantizes activations only statically; use int4 (weights) instead",
     ("w8a8", "coreml"): "Core ML has no dynamic activation quantization; use int8",

@@ -133,7 +133,7 @@ class Quantizer:
                              "per mix); estimate with w8a8")
         value = fq.fake_weight(mod.weight, kind, scheme, self.fmt)
         if scheme.info.activations == "dynamic":
-            self.rules[id(mod.weight)] = fq.dynamic_uint8
+            self.rules[id(mod.weight)] = fq.dynamic_rule(scheme, mod.weight)
         try:
             with fq.swapped_weight(mod, value):
                 yield

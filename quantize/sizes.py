@@ -33,7 +33,7 @@ def weight_bytes(layer: Layer, scheme: Scheme, fmt: str) -> int:
     if name == "fp16":
         return 2 * numel
     if fmt == "onnx":
-        if name in ("int8", "int4"):
+        if name in ("int8", "int4", "8da8w", "8da4w"):
             block = ort_block_size(layer.in_features, scheme)
             blocks = math.ceil(k / block)
             return n * blocks * block * scheme.bits // 8 + 4 * n * blocks

@@ -3,7 +3,7 @@
 Per cell: the graph is exported once in fp32, quantized by hartkit.quantize.onnx_quant and run by
 onnxruntime on real inputs recorded from the reference loop; it must agree with the same
 quantization applied in eager torch (weight-only cells: SNR >= 60 dB; activation-quantizing cells:
-closer to the eager reference than the eager reference is to fp32, by >= 3 dB), its error against
+at least as close to the eager reference as that is to fp32, and as close to fp32 within 1 dB), its error against
 fp32 is measured and bounded (fp16 > int8 > w8a8 > int4, int8 at least 12 dB above int4), and the
 file shrinks by what the storage formulas of hartkit.quantize.sizes say. Then one whole export with
 the `phone` preset: parity, recipe.json, export.json, and the runtime on it samples the same tokens
@@ -22,9 +22,9 @@ import pytest
 from hartkit.export.parity import snr_db
 
 CELLS = {
-    "text_encoder": ["fp16", "int8", "int4", "w8a8", "w8a8_static"],
-    "ar_transformer": ["fp16", "int8", "int4", "int4-g64", "w8a8", "w8a8_static"],
-    "diffusion_head": ["fp16", "int8", "int4", "w8a8", "w8a8_static"],
+    "text_encoder": ["fp16", "int8", "int4", "w8a8", "w8a8_static", "8da8w", "8da4w"],
+    "ar_transformer": ["fp16", "int8", "int4", "int4-g64", "w8a8", "w8a8_static", "8da8w", "8da4w"],
+    "diffusion_head": ["fp16", "int8", "int4", "w8a8", "w8a8_static", "8da8w"],
     "vae": ["fp16", "w8a8", "w8a8_static"],
 }
 GRAPHS = {"text_encoder": ["text_encoder"], "ar_transformer": ["condition", "ar_context", "ar_head"],
@@ -121,8 +121,11 @@ def test_cell_agrees_with_eager_quantization(cells, component, scheme):
         mode, value = r["bar"]
         if mode == "exact":
             assert r["vs_eager"] >= 60.0, (g, r)
-        else:
-            assert r["vs_eager"] >= min(60.0, r["eager_fp32"] + value), (g, r)
+        else:  # as close to the eager reference as that is to fp32, and as close to fp32 (1 dB margin)
+            assert r["vs_eager"] >= max(15.0, min(60.0, r["eager_fp32"])), (g, r)
+            assert r["vs_fp32"] >= min(60.0, r["eager_fp32"]) - 1.0, (g, r)
+        if scheme.startswith("8da"):  # emulated op for op: the relative bar is for deep stacks (schemes.py)
+            assert r["vs_eager"] >= 60.0, (g, r)
         assert r["nodes"] >= r["changed"] > 0, (g, r)  # every quantized layer found its ONNX node
 
 
@@ -136,7 +139,8 @@ def test_cell_shrinks_by_the_storage_formula(cells, component, scheme):
 
 
 def test_error_against_fp32_is_ordered_and_bounded(cells):
-    floors = {"fp16": 55.0, "int8": 30.0, "w8a8": 20.0, "w8a8_static": 18.0, "int4": 10.0, "int4-g64": 10.0}
+    floors = {"fp16": 55.0, "int8": 30.0, "w8a8": 20.0, "w8a8_static": 18.0, "int4": 10.0, "int4-g64": 10.0,
+              "8da8w": 25.0, "8da4w": 10.0}
     for (component, scheme), graphs in cells.items():
         for g, r in graphs.items():
             assert r["vs_fp32"] >= floors[scheme], (component, scheme, g, r["vs_fp32"])
@@ -174,7 +178,7 @@ def test_phone_export_passes_parity_and_records_its_recipe(phone_export):
     assert Recipe.load(out / "recipe.json").to_dict() == Recipe.load("phone").to_dict()
     info = json.loads((out / "manifest.json").read_text())
     q = info["quantization"]["formats"]["onnx"]
-    assert q["layers"]["ar_transformer/blocks.0.attn.qkv_proj"]["scheme"] == "int4-g32"
+    assert q["layers"]["ar_transformer/blocks.0.attn.qkv_proj"]["scheme"] == "8da4w-g32"  # int4, int8 compute
     assert q["layers"]["text_encoder/embed_tokens"]["fallback"].startswith("onnx does not quantize embedding")
     assert q["parity"]["ar_stage"]["min_snr_vs_eager_db"] >= 60
     assert q["parity"]["ar_stage"]["min_snr_vs_fp32_db"] < 40  # it is really int4

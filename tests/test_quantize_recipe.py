@@ -73,9 +73,13 @@ def test_presets_load_and_round_trip(tmp_path):
     assert phone.components["diffusion_head"] == Scheme("int8")
     assert phone.components["vae"] == Scheme("fp16")
     laptop = Recipe.load("laptop")
-    assert laptop.for_format("onnx")[1].get("ar_transformer") == Scheme("int8")
+    assert laptop.components["ar_transformer"] == Scheme("int8")  # weight-only where a format has no int8 compute
+    assert laptop.for_format("onnx")[1].get("ar_transformer") == Scheme("w8a8")
+    assert laptop.for_format("onnx")[1].get("text_encoder") == Scheme("8da8w")
     assert laptop.for_format("onnx")[0] == Scheme("fp16")
+    assert laptop.for_format("coreml")[1].get("text_encoder") == Scheme("int8")
     assert laptop.for_format("executorch")[1]["ar_transformer"] == Scheme("8da8w")
+    assert laptop.for_format("executorch")[0] == Scheme("fp32")
 
 
 def test_yaml_recipe_with_layer_patterns(tmp_path, tiny_layers):
@@ -124,9 +128,9 @@ def test_phone_on_onnx_falls_back_where_it_must_and_says_so(tiny_layers):
     emb = plan.assignments["text_encoder/embed_tokens"]
     assert emb.scheme == Scheme("fp16") and "embedding" in emb.reason
     word = plan.assignments["ar_transformer/word_embed"]  # 8 input channels: no group size divides it
-    assert word.scheme == Scheme("int8") and "8 input channels" in word.reason
-    assert plan.scheme_of("ar_transformer/blocks.0.attn.qkv_proj") == Scheme("int4", 32)
-    assert plan.scheme_of("diffusion_head/net.res_blocks.0.mlp.0") == Scheme("int8")
+    assert word.scheme == Scheme("8da8w") and "8 input channels" in word.reason
+    assert plan.scheme_of("ar_transformer/blocks.0.attn.qkv_proj") == Scheme("8da4w", 32)
+    assert plan.scheme_of("diffusion_head/net.res_blocks.0.mlp.0") == Scheme("8da8w")
     assert plan.scheme_of("vae/decoder.conv_in") == Scheme("fp16")
     lines = plan.fallback_summary()
     assert any("text_encoder/embed_tokens" in l and "to fp16" in l for l in lines)
@@ -212,6 +216,34 @@ def test_matmulnbits_rule_equals_onnxruntime(bits, k, block):
     want = x @ nbits_ort(torch.from_numpy(w.T.copy()), bits, block).numpy().T
     assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
     assert np.abs(x @ w - want).max() > 1e-3  # it did quantize
+
+
+@pytest.mark.parametrize("bits,k,block", [(4, 64, 32), (4, 96, 32), (4, 256, 128), (8, 64, 64), (8, 96, 32),
+                                          (8, 8, 16), (8, 1536, 256)])
+def test_int8_compute_rule_equals_onnxruntime(bits, k, block):
+    """MatMulNBits accuracy_level=4 (onnx 8da8w / 8da4w) quantizes activations per row and block."""
+    import onnxruntime as ort
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from hartkit.quantize.fakequant import blockwise_int8, nbits_ort
+
+    rng = np.random.default_rng(k * bits)
+    w = (rng.standard_normal((k, 24)) * 0.1).astype(np.float32)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    x[:, k // 3] *= 20  # an outlier channel: one block's scale differs from the others'
+    q = MatMulNBitsQuantizer(_one_matmul(w), algo_config=DefaultWeightOnlyQuantConfig(
+        block_size=block, is_symmetric=True, bits=bits, accuracy_level=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q.process()
+    sess = ort.InferenceSession(q.model.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x})[0]
+    wq = nbits_ort(torch.from_numpy(w.T.copy()), bits, block).numpy().T
+    want = blockwise_int8(block)(torch.from_numpy(x)).numpy() @ wq
+    weight_only = x @ wq
+    err = np.abs(got - want).max()
+    assert err < 1e-5 * np.abs(want).max(), err
+    assert np.abs(weight_only - want).max() > 100 * err  # the activations were quantized, as emulated
 
 
 def test_dynamic_activation_rule_equals_onnxruntime():
