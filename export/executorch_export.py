@@ -38,6 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from hartkit.errors import HartkitError, MissingDependencyError
 from hartkit.export.graphs import GraphSpec
@@ -282,6 +283,49 @@ def check_planned_shapes(specs: Mapping[str, GraphSpec], path: Path, methods: Se
 # ----------------------------------------------------------------------------- the export
 
 
+class _ConstantQKVBias(TorchFunctionMode):
+    """Inside one AR attention's forward: ``torch.cat((q_bias, zero_k_bias, v_bias))`` -> a parameter.
+
+    XNNPACK delegates a linear only when its bias is a constant; the AR attention builds its qkv
+    bias with a ``cat`` in forward (upstream's layout: no k bias), which left every qkv projection
+    outside the delegate: in fp32 a portable (naive) addmm per block, most of the 169 s an fp32
+    ar_context call took at 0.7B; quantized, torchao's quantize ops with no out-variants (the program
+    did not load). Same values, computed once."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.attn = attn
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        a = self.attn
+        if func is torch.cat and args and isinstance(args[0], (list, tuple)) and len(args[0]) == 3 \
+                and args[0][0] is a.q_bias and args[0][1] is a.zero_k_bias and args[0][2] is a.v_bias:
+            return a.qkv_bias_folded
+        return func(*args, **kwargs)
+
+
+def fold_qkv_bias(root: nn.Module) -> int:
+    """Give every AR attention under ``root`` a precomputed qkv bias parameter (see
+    :class:`_ConstantQKVBias`); attentions already folded are left alone. Returns how many it folded."""
+    count = 0
+    for mod in root.modules():
+        if not all(hasattr(mod, n) for n in ("q_bias", "zero_k_bias", "v_bias")) or hasattr(mod, "qkv_bias_folded"):
+            continue
+        with torch.no_grad():
+            bias = torch.cat((mod.q_bias, mod.zero_k_bias, mod.v_bias)).detach().clone()
+        mod.qkv_bias_folded = nn.Parameter(bias, requires_grad=False)
+        inner = mod.forward
+
+        def forward(*args, _inner=inner, _mod=mod, **kwargs):
+            with _ConstantQKVBias(_mod):
+                return _inner(*args, **kwargs)
+
+        mod.forward = forward
+        count += 1
+    return count
+
+
 def export_executorch(specs: list[GraphSpec], modules: Mapping[str, nn.Module], out_dir: Path,
                       progress: Callable[[str], None] | None = None) -> dict[str, str]:
     """All graphs to ``out_dir/executorch/hart.pte`` (method name == graph name).
@@ -294,6 +338,8 @@ def export_executorch(specs: list[GraphSpec], modules: Mapping[str, nn.Module], 
     sub = out_dir / SUBDIR
     sub.mkdir(parents=True, exist_ok=True)
     by_name = {s.name: s for s in specs}
+    for module in modules.values():
+        fold_qkv_bias(module)
 
     programs: dict[str, torch.export.ExportedProgram] = {}
     weights: dict[str, dict[tuple[int, int], int]] = {}

@@ -25,10 +25,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from hartkit.errors import UsageError
 from hartkit.export.parity import GraphParity, OutputParity, snr_db
+from hartkit.export.executorch_export import fold_qkv_bias
 from hartkit.quantize import fakequant as fq
 from hartkit.quantize.layers import LayerTable, discover, layer_modules
 from hartkit.quantize.recipe import RECIPE_FILE, Plan, Recipe, resolve
@@ -123,47 +123,6 @@ def realize(model, encoder, system_length: int, plan: Plan,
         m = s.build().eval()
         modules[s.name] = fq.EmulatedGraph(m, rules, s.name).eval() if rules else m
     return Realization(fmt, plan, qmodel, qenc, specs, modules)
-
-
-class _ConstantQKVBias(TorchFunctionMode):
-    """Inside one AR attention's forward: ``torch.cat((q_bias, zero_k_bias, v_bias))`` -> a parameter.
-
-    XNNPACK delegates a dynamically quantized linear only when its bias is a parameter; the AR
-    attention builds its qkv bias with a ``cat`` in forward (upstream's layout: no k bias), which
-    left the torchao quantize/dequantize ops of every qkv projection outside the delegate (and the
-    program unloadable: no out-variants for them). Same values, computed once."""
-
-    def __init__(self, attn: nn.Module) -> None:
-        super().__init__()
-        self.attn = attn
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        a = self.attn
-        if func is torch.cat and args and isinstance(args[0], (list, tuple)) and len(args[0]) == 3 \
-                and args[0][0] is a.q_bias and args[0][1] is a.zero_k_bias and args[0][2] is a.v_bias:
-            return a.qkv_bias_folded
-        return func(*args, **kwargs)
-
-
-def fold_qkv_bias(transformer: nn.Module) -> int:
-    """Give every AR attention a precomputed qkv bias parameter (see :class:`_ConstantQKVBias`)."""
-    count = 0
-    for mod in transformer.modules():
-        if not all(hasattr(mod, n) for n in ("q_bias", "zero_k_bias", "v_bias")):
-            continue
-        with torch.no_grad():
-            bias = torch.cat((mod.q_bias, mod.zero_k_bias, mod.v_bias)).detach().clone()
-        mod.qkv_bias_folded = nn.Parameter(bias, requires_grad=False)
-        inner = mod.forward
-
-        def forward(*args, _inner=inner, _mod=mod, **kwargs):
-            with _ConstantQKVBias(_mod):
-                return _inner(*args, **kwargs)
-
-        mod.forward = forward
-        count += 1
-    return count
 
 
 def _torchao(qmodel, qenc, schemes: Mapping[str, Scheme]) -> None:

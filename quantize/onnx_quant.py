@@ -11,7 +11,8 @@ weight is used without calling its module, so module name scopes miss it); (3) r
 w8a8_static     ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, MinMax
                 calibration on recorded real inputs, MatMul/Conv outputs not quantized)
 w8a8            ``quantize_dynamic`` (per-channel int8 weights, DynamicQuantizeLinear inputs)
-int4            ``MatMulNBitsQuantizer(bits=4, symmetric, block_size=group)``, one pass per group
+int4            ``MatMulNBitsQuantizer(bits=4, symmetric, block_size=group)``, one pass per group;
+                embeddings (Gather) -> ``GatherBlockQuantized`` in the same pass
 int8            ``MatMulNBitsQuantizer(bits=8, symmetric, block = see fakequant.int8_block)``
 8da4w / 8da8w   the same with ``accuracy_level=4``: activations quantized to int8 per row and block at
                 run time, integer dot products (MLAS CompInt8; about 2x the fp32 MatMul on AVX-512 VNNI)
@@ -355,6 +356,7 @@ def quantize_onnx_graph(path: Path, graph: str, weights: Mapping[str, tuple[str,
                              weight_type=QuantType.QInt8, nodes_to_quantize=groups["w8a8"],
                              use_external_data_format=large)
             model = _load(dst)
+        gathers = {n.name for n in model.graph.node if n.op_type == "Gather"}
         nbits: dict[tuple[int, int, int], list[str]] = {}
         for name in ("int4", "int8", "8da4w", "8da8w"):
             for node in groups.get(name, []):
@@ -364,11 +366,14 @@ def quantize_onnx_graph(path: Path, graph: str, weights: Mapping[str, tuple[str,
                 level = 4 if s.info.activations == "dynamic" else 0
                 nbits.setdefault((s.bits, ort_block_size(k, s), level), []).append(node)
         for (bits, block, level), members in sorted(nbits.items()):
+            # int4 embeddings (Gather) become GatherBlockQuantized: rows stored in int4, blocks along
+            # the hidden size, dequantized as they are looked up (the quantizer does Gather in 4 bits only).
+            ops = ("MatMul", "Gather") if any(n in gathers for n in members) else ("MatMul",)
             cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits,
-                                               accuracy_level=level, op_types_to_quantize=("MatMul",))
+                                               accuracy_level=level, op_types_to_quantize=ops)
             # nodes_to_include is OR-ed with op_types_to_quantize in onnxruntime 1.32 (it does not
-            # restrict anything): exclude every other MatMul instead.
-            others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in members]
+            # restrict anything): exclude every other MatMul (and Gather) instead.
+            others = [n.name for n in model.graph.node if n.op_type in ops and n.name not in members]
             q = MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=cfg)
             q.process()
             model = q.model.model
@@ -391,8 +396,9 @@ def _check_all_applied(model, groups: Mapping[str, list[str]], graph: str) -> No
     inits = _initializers(model)
     left = {}
     for n in model.graph.node:
-        if n.op_type in ("MatMul", "Conv") and len(n.input) > 1 and n.input[1] in inits:
-            if numpy_helper.to_array(inits[n.input[1]]).dtype == np.float32:
+        pos = 0 if n.op_type == "Gather" else 1
+        if n.op_type in WEIGHT_OPS and len(n.input) > pos and n.input[pos] in inits:
+            if numpy_helper.to_array(inits[n.input[pos]]).dtype == np.float32:
                 left[n.name] = n
     missed = [node for s, names in groups.items() if s not in ("fp32", "fp16") for node in names if node in left]
     if missed:

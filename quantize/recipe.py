@@ -58,7 +58,10 @@ PRESETS: dict[str, dict] = {
             # quantize_dynamic's MatMulInteger (3.7x the fp32 MatMul on AVX-512 VNNI), the text encoder
             # MatMulNBits with per-block activations (1.9x), whose per-block scales keep an LLM's outlier
             # channels from flattening a whole row (onnxruntime-genai quantizes Qwen2 the same way).
-            "onnx": {"components": {"text_encoder": "8da8w", "ar_transformer": "w8a8"}},
+            # The token embedding (a fifth of a Qwen2-1.5B) is looked up, not multiplied: int4 rows
+            # (GatherBlockQuantized; onnxruntime quantizes Gather in 4 bits only) instead of fp16.
+            "onnx": {"components": {"text_encoder": "8da8w", "ar_transformer": "w8a8"},
+                     "layers": {"text_encoder/embed_tokens": "int4"}},
             # XNNPACK gives wrong results with weight-only int8 (see schemes.REFUSED): 8da8w there; its
             # fp16 weights are cast to fp32 in the program, which keeps those layers out of the delegate.
             "executorch": {"default": "fp32", "components": {"text_encoder": "8da8w", "ar_transformer": "8da8w"}},
@@ -70,8 +73,11 @@ PRESETS: dict[str, dict] = {
         "components": {"text_encoder": "int4", "ar_transformer": "int4", "diffusion_head": "int8", "vae": "fp16"},
         "formats": {
             # int8 compute on int4 weights (MatMulNBits accuracy_level=4), as onnxruntime-genai builds its
-            # int4 CPU models: what ARM phones run fast (int8 dot products).
-            "onnx": {"components": {"text_encoder": "8da4w", "ar_transformer": "8da4w", "diffusion_head": "8da8w"}},
+            # int4 CPU models: what ARM phones run fast (int8 dot products). Groups of 64: onnxruntime
+            # keeps one fp32 scale per group (fp16 in Core ML), so 64 costs what 32 costs there.
+            "onnx": {"components": {"text_encoder": "8da4w-g64", "ar_transformer": "8da4w-g64",
+                                    "diffusion_head": "8da8w"},
+                     "layers": {"text_encoder/embed_tokens": "int4-g64"}},
             "executorch": {"default": "fp32", "components": {"text_encoder": "8da4w", "ar_transformer": "8da4w",
                                                              "diffusion_head": "8da8w"}},
         },

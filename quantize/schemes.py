@@ -78,7 +78,8 @@ SUPPORT: dict[tuple[str, str], Cell] = {
     ("int8", "onnx"): _cell("linear", "MatMulNBitsQuantizer(bits=8, symmetric; block = the largest power-of-two "
                                       "divisor of K up to 256 (onnxruntime's limit): one scale per output channel "
                                       "when K is a power of two <= 256, e.g. 6 per channel for K=1536)"),
-    ("int4", "onnx"): _cell("linear", "MatMulNBitsQuantizer(bits=4, symmetric, block_size = group size)"),
+    ("int4", "onnx"): _cell("linear embedding", "MatMulNBitsQuantizer(bits=4, symmetric, block_size = group size); "
+                                                "embeddings: GatherBlockQuantized (int4 rows, blocks along the hidden size)"),
     # accuracy_level=4: MLAS quantizes each activation row per weight block to int8 and runs integer
     # dot products. fakequant.blockwise_int8 emulates one MatMul to ~90 dB (tested), but a float
     # difference of one ulp can flip an activation's rounding, and those flips compound over a deep

@@ -84,3 +84,38 @@ def test_peak_rss_is_the_childs_own_not_inherited_from_a_big_parent():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert 1e6 < int(out.strip()) < 250e6
     assert big.sum() > 0
+
+
+def test_a_slow_call_is_timed_once(monkeypatch):
+    """Minutes-long calls (ExecuTorch's AR graphs) are not repeated: the warm-up is the measurement."""
+    import time
+
+    from hartkit.bench import run
+
+    calls = []
+
+    def fn(delay):
+        calls.append(delay)
+        time.sleep(delay)
+
+    monkeypatch.setattr(run, "SLOW_CALL_S", 0.05)
+    t = run.median_time(lambda: fn(0.08), warmup=1, runs=3)
+    assert len(calls) == 1 and 0.08 <= t < 1.0
+    calls.clear()
+    run.median_time(lambda: fn(0.0), warmup=1, runs=3)
+    assert len(calls) == 4  # fast: one warm-up + three timed runs
+
+
+def test_a_bundle_of_an_older_preset_is_not_reused(tmp_path):
+    """A preset whose schemes changed since the bundle was exported gives a new export, not stale numbers."""
+    from hartkit.bench.exports import _matches
+    from hartkit.quantize.recipe import Recipe
+
+    bundle = tmp_path / "laptop-onnx-256px"
+    bundle.mkdir()
+    current = Recipe.load("laptop").to_dict()
+    older = {**current, "components": {"ar_transformer": "int8"}, "formats": {}}
+    for recipe, want in ((current, True), (older, False)):
+        manifest = {"recipe": recipe, "loop": {"image_size": 256}, "files": {"onnx": {}}}
+        (bundle / "manifest.json").write_text(json.dumps(manifest))
+        assert _matches(bundle, "laptop", ["onnx"], 256) is want
