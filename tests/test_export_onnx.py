@@ -163,3 +163,23 @@ def test_exported_graphs_carry_no_debug_metadata_or_local_paths(onnx_bundle):
         assert here not in path.read_bytes(), f"{path.name} mentions {here.decode()}"
         model = onnx.load(str(path), load_external_data=False)
         assert not any(node.metadata_props for node in model.graph.node), path.name
+
+
+def test_recording_keeps_every_stage_only_within_its_budget():
+    """ar_stage is recorded at every stage (one shape each) until its KV inputs pass the budget: a 1024 px
+    export of the 0.7B model would otherwise hold ~11 GB of recorded caches; other graphs: first calls."""
+    from hartkit.export.exporter import RecordingBackend
+
+    class Echo:
+        name = "echo"
+
+        def run(self, graph, feeds):
+            return [feeds["x"] * 2]
+
+    rec = RecordingBackend(Echo(), max_calls=2, budget=5 * 800)  # one call = 400 B in + 400 B out
+    for i in range(8):
+        for graph in ("ar_stage", "denoise"):
+            assert rec.run(graph, {"x": np.full(100, i, np.float32)})[0][0] == 2 * i
+    assert [int(f["x"][0]) for f, _ in rec.calls["ar_stage"]] == [0, 1, 2, 3, 4]
+    assert [int(f["x"][0]) for f, _ in rec.calls["denoise"]] == [0, 1]
+    assert rec.bytes["ar_stage"] == 5 * 800
