@@ -85,14 +85,23 @@ def check_backend(backend, fmt: str, recorded: Mapping[str, list[tuple[dict, lis
                   output_names: Mapping[str, list[str]], **bars: float) -> list[GraphParity]:
     """Run every recorded call of every graph on ``backend`` and compare with the torch outputs."""
     results = []
-    for graph, calls in recorded.items():
+    graphs = list(recorded)
+    for i, graph in enumerate(graphs):
         gp = GraphParity(graph, fmt)
-        for feeds, ref in calls:
+        for feeds, ref in recorded[graph]:
             got = backend.run(graph, feeds)
             gp.outputs.extend(compare_outputs(output_names[graph], ref, got, **bars))
             gp.calls += 1
         results.append(gp)
+        release_done(backend, graphs[i + 1:])
     return results
+
+
+def release_done(backend, pending) -> None:
+    """Let a backend that loads per graph (ExecuTorch) drop what the pending graphs do not need."""
+    release = getattr(backend, "release_except", None)
+    if release is not None:
+        release(frozenset(pending))
 
 
 def format_table(results: list[GraphParity]) -> str:

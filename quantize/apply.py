@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from hartkit.errors import UsageError
-from hartkit.export.parity import GraphParity, OutputParity, snr_db
+from hartkit.export.parity import GraphParity, OutputParity, release_done, snr_db
 from hartkit.export.executorch_export import fold_qkv_bias
 from hartkit.quantize import fakequant as fq
 from hartkit.quantize.layers import LayerTable, discover, layer_modules
@@ -165,7 +165,8 @@ def check_quantized(backend, realization: Realization, recorded: Mapping[str, li
 
     fmt = label or realization.fmt
     rows, report = [], {}
-    for graph, calls in recorded.items():
+    graphs = list(recorded)
+    for gi, (graph, calls) in enumerate(recorded.items()):
         mode, value = graph_bar(realization.plan, graph)
         gp = GraphParity(graph, fmt)
         worst_eager, worst_fp32, worst_quant = math.inf, math.inf, math.inf
@@ -188,6 +189,7 @@ def check_quantized(backend, realization: Realization, recorded: Mapping[str, li
                 worst_quant = min(worst_quant, quant_err)
             gp.calls += 1
         rows.append(gp)
+        release_done(backend, graphs[gi + 1:])
         report[graph] = {"bar": mode, "min_snr_vs_eager_db": _num(worst_eager), "min_snr_vs_fp32_db": _num(worst_fp32),
                          "eager_min_snr_vs_fp32_db": _num(worst_quant),
                          "schemes": sorted(s.label for s in realization.plan.graph_schemes(graph))}

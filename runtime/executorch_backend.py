@@ -71,6 +71,16 @@ class ExecuTorchBackend:
                 raise HartkitError(f"ExecuTorch could not load method '{graph}': {exc}") from exc
         return self._methods[graph]
 
+    def release_except(self, keep: "set[str] | frozenset[str]") -> None:
+        """Drop the loaded methods of graphs not in ``keep``, and every program none of ``keep`` needs:
+        checking graph by graph, a 0.7B bundle then never holds its text encoder (6 GB, and as much
+        again in XNNPACK's packed copy) beside the AR transformer."""
+        for graph in [g for g in self._methods if g not in keep]:
+            del self._methods[graph]
+        needed = {self._files[g] for g in keep if g in self._files}
+        for rel in [r for r in self._programs if r not in needed]:
+            del self._programs[rel]
+
     # ------------------------------------------------------------------ running
     def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         if graph not in self._graphs:

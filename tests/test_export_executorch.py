@@ -146,6 +146,41 @@ def test_mixed_backends_route_per_graph(et_export, et_pipe, tiny_checkpoint):
     assert psnr(ref_img, img) >= 40.0
 
 
+def test_parity_releases_each_program_once_its_graphs_are_checked(et_export):
+    """check_backend drops what the pending graphs do not need (a 0.7B export's parity then never
+    holds the 6 GB text encoder beside the AR transformer); a released graph reloads on demand."""
+    from hartkit.export.parity import check_backend
+    from hartkit.runtime.executorch_backend import ExecuTorchBackend
+
+    out, _, _ = et_export
+    info = json.loads((out / "manifest.json").read_text())
+    backend = ExecuTorchBackend(out, info)
+    feeds = {g["name"]: {i["name"]: np.full([d if isinstance(d, int) else max(1, d["min"]) for d in i["shape"]],
+                                            0.1, np.float32)
+                         for i in g["inputs"]}
+             for g in info["graphs"] if g["name"] in ("diffusion_cond_embed", "vae_decode")}
+    loaded = []
+
+    class Watch:
+        name = "executorch"
+
+        def run(self, graph, f):
+            out = backend.run(graph, f)
+            loaded.append(sorted(backend._methods))
+            return out
+
+        def release_except(self, keep):
+            backend.release_except(keep)
+
+    recorded = {g: [(f, backend.run(g, f))] for g, f in feeds.items()}
+    backend.release_except(frozenset())
+    assert not backend._methods and not backend._programs
+    rows = check_backend(Watch(), "executorch", recorded, {g: ["y"] for g in feeds})
+    assert all(r.ok for r in rows)
+    assert loaded == [["diffusion_cond_embed"], ["vae_decode"]]  # the first was released before the second
+    assert not backend._methods and not backend._programs
+
+
 def test_missing_method_file_and_bad_inputs_are_named(et_export, tmp_path):
     from hartkit.runtime.executorch_backend import ExecuTorchBackend
 
