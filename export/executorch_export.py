@@ -31,6 +31,7 @@ import json
 import operator
 import os
 import time
+import types
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,25 +306,34 @@ class _ConstantQKVBias(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def fold_qkv_bias(root: nn.Module) -> int:
+def _folded_forward(self, *args, **kwargs):
+    with _ConstantQKVBias(self):
+        return type(self).forward(self, *args, **kwargs)
+
+
+def fold_qkv_bias(root: nn.Module) -> list[nn.Module]:
     """Give every AR attention under ``root`` a precomputed qkv bias parameter (see
-    :class:`_ConstantQKVBias`); attentions already folded are left alone. Returns how many it folded."""
-    count = 0
+    :class:`_ConstantQKVBias`); attentions already folded are left alone. Returns those it folded.
+
+    The new forward is a method bound to its module (not a closure over it), so a deep copy of a
+    folded model computes with the copy's own weights."""
+    folded = []
     for mod in root.modules():
         if not all(hasattr(mod, n) for n in ("q_bias", "zero_k_bias", "v_bias")) or hasattr(mod, "qkv_bias_folded"):
             continue
         with torch.no_grad():
             bias = torch.cat((mod.q_bias, mod.zero_k_bias, mod.v_bias)).detach().clone()
         mod.qkv_bias_folded = nn.Parameter(bias, requires_grad=False)
-        inner = mod.forward
+        mod.forward = types.MethodType(_folded_forward, mod)
+        folded.append(mod)
+    return folded
 
-        def forward(*args, _inner=inner, _mod=mod, **kwargs):
-            with _ConstantQKVBias(_mod):
-                return _inner(*args, **kwargs)
 
-        mod.forward = forward
-        count += 1
-    return count
+def unfold_qkv_bias(folded: Sequence[nn.Module]) -> None:
+    """Undo :func:`fold_qkv_bias` (the exporter folds the caller's model only while it traces)."""
+    for mod in folded:
+        del mod.qkv_bias_folded
+        del mod.forward
 
 
 def export_executorch(specs: list[GraphSpec], modules: Mapping[str, nn.Module], out_dir: Path,
@@ -338,20 +348,22 @@ def export_executorch(specs: list[GraphSpec], modules: Mapping[str, nn.Module], 
     sub = out_dir / SUBDIR
     sub.mkdir(parents=True, exist_ok=True)
     by_name = {s.name: s for s in specs}
-    for module in modules.values():
-        fold_qkv_bias(module)
+    folded = [m for module in modules.values() for m in fold_qkv_bias(module)]
 
     programs: dict[str, torch.export.ExportedProgram] = {}
     weights: dict[str, dict[tuple[int, int], int]] = {}
-    for spec in specs:
-        say(f"executorch: torch.export {spec.name}")
-        try:
-            programs[spec.name] = export_program(spec, modules[spec.name])
-        except HartkitError:
-            raise
-        except Exception as exc:  # torch.export's errors are long; name the graph first
-            raise HartkitError(f"executorch: torch.export of graph '{spec.name}' failed: {exc}") from exc
-        weights[spec.name] = used_weights(programs[spec.name])
+    try:
+        for spec in specs:
+            say(f"executorch: torch.export {spec.name}")
+            try:
+                programs[spec.name] = export_program(spec, modules[spec.name])
+            except HartkitError:
+                raise
+            except Exception as exc:  # torch.export's errors are long; name the graph first
+                raise HartkitError(f"executorch: torch.export of graph '{spec.name}' failed: {exc}") from exc
+            weights[spec.name] = used_weights(programs[spec.name])
+    finally:
+        unfold_qkv_bias(folded)
 
     graph_order = list(programs)
     distinct: dict[tuple[int, int], int] = {}

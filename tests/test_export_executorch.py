@@ -296,3 +296,25 @@ def test_big_models_are_lowered_per_weight_group_and_streamed(tiny_model, tmp_pa
     for name, rel in files.items():
         assert report["files"][rel.split("/")[-1]]["bytes"] == (tmp_path / rel).stat().st_size
     assert not list((tmp_path / "executorch").glob("*.tmp"))
+
+
+def test_qkv_bias_folding_survives_copies_and_is_undone(tiny_model):
+    """The exporter folds the caller's model only while tracing, and a copy of a folded model
+    computes with its own weights (a closure over the original silently dropped quantization)."""
+    import copy
+
+    import torch
+
+    from hartkit.export.executorch_export import fold_qkv_bias, unfold_qkv_bias
+
+    tr = copy.deepcopy(tiny_model.transformer)
+    attn = next(m for m in tr.modules() if hasattr(m, "q_bias"))
+    before = {n for n, _ in tr.named_parameters()}
+    folded = fold_qkv_bias(tr)
+    assert folded and all(hasattr(m, "qkv_bias_folded") for m in folded) and not fold_qkv_bias(tr)
+    twin = copy.deepcopy(attn)
+    twin_attn_forward = twin.forward
+    assert twin_attn_forward.__self__ is twin  # bound to the copy, not to the original
+    unfold_qkv_bias(folded)
+    assert {n for n, _ in tr.named_parameters()} == before and "forward" not in vars(attn)
+    assert isinstance(twin.qkv_bias_folded, torch.nn.Parameter)
