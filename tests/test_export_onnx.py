@@ -151,6 +151,22 @@ def test_parity_failure_discards_the_export(tiny_checkpoint, tmp_path, monkeypat
     assert not (tmp_path / "out").exists()
 
 
+def test_image_bar_is_a_fraction_of_an_8bit_step_and_only_for_the_image():
+    """A 1024 px decode may miss 1e-4 on its worst pixel at 82 dB; the image bar is 1/10 of an 8-bit level."""
+    from hartkit.export.parity import IMAGE_ATOL, compare_outputs
+
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(0, 1, (1, 3, 64, 64)).astype(np.float32)
+    got = ref.copy()
+    got[0, 0, 0, 0] += 2.7e-4  # one pixel off by ~0.07 of a level
+    image, other = compare_outputs(["image", "features"], [ref, ref], [got, got])
+    assert image.ok and not other.ok
+    far = ref.copy()
+    far[0, 0, 0, 0] += 1.2 * IMAGE_ATOL + 1e-4  # past the bar even with the rtol term (max|ref| <= 1)
+    assert not compare_outputs(["image"], [ref], [far])[0].ok
+    assert IMAGE_ATOL * 255 <= 0.5  # a stored uint8 pixel moves by at most one level
+
+
 def test_exported_graphs_carry_no_debug_metadata_or_local_paths(onnx_bundle):
     """The exporter's stack traces (absolute source paths of the exporting machine) stay out of bundles."""
     import onnx
