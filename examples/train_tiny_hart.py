@@ -105,6 +105,11 @@ class TrainConfig:
     # Token weight of scale s in the CE: n_s ** -scale_weight, normalised to mean 1. 0 = uniform, as
     # upstream; > 0 moves weight to the coarse scales, which carry what the caption says.
     scale_weight: float = 0.0
+    # AR transformer shape over the preset's (0 = the preset's): the checkpoint's config records it, so
+    # every loader reads a wider/deeper demo model like any other.
+    embed_dim: int = 0
+    depth: int = 0
+    num_heads: int = 0
 
     @classmethod
     def smoke(cls, out: str) -> "TrainConfig":
@@ -585,12 +590,24 @@ def train_transformer(model: HART, cap_ids: Tensor, text: TextFeatures, targets:
 # ----------------------------------------------------------------------------- main
 
 
+def shaped_preset(cfg: TrainConfig) -> Preset:
+    """The preset with the transformer shape overrides of ``cfg`` applied."""
+    spec = get_preset(cfg.preset)
+    shape = {k: getattr(cfg, k) for k in ("embed_dim", "depth", "num_heads") if getattr(cfg, k)}
+    if not shape:
+        return spec
+    hart = replace(spec.hart, **shape)
+    if hart.embed_dim % hart.num_heads:
+        raise SystemExit(f"--embed-dim {hart.embed_dim} is not a multiple of --num-heads {hart.num_heads}")
+    return replace(spec, hart=hart)
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run every phase and write the checkpoint folder ``cfg.out``; returns its path."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     PhaseStop.install()
-    spec = get_preset(cfg.preset)
+    spec = shaped_preset(cfg)
     size = image_size_of(spec)
     out = Path(cfg.out)
     log: dict = {"config": asdict(cfg), "image_size": size, "timings_s": {}}
@@ -768,7 +785,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--out", default=defaults.out, help=f"output folder (default: {defaults.out})")
     p.add_argument("--smoke", action="store_true", help="a few steps of the tiny preset (for tests)")
     for name in ("seed", "threads", "num_images", "vae_steps", "vae_batch", "ar_steps", "ar_batch", "warmup",
-                 "restart_every"):
+                 "restart_every", "embed_dim", "depth", "num_heads"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     for name in ("vae_lr", "ar_lr", "fg_weight", "text_lr", "scale_weight", "two_shape_prob"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
