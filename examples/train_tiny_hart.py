@@ -110,6 +110,7 @@ class TrainConfig:
     embed_dim: int = 0
     depth: int = 0
     num_heads: int = 0
+    text_layers: int = 0  # text model depth over the preset's (0 = the preset's)
 
     @classmethod
     def smoke(cls, out: str) -> "TrainConfig":
@@ -594,12 +595,13 @@ def shaped_preset(cfg: TrainConfig) -> Preset:
     """The preset with the transformer shape overrides of ``cfg`` applied."""
     spec = get_preset(cfg.preset)
     shape = {k: getattr(cfg, k) for k in ("embed_dim", "depth", "num_heads") if getattr(cfg, k)}
+    text = {**spec.text, "num_layers": cfg.text_layers} if cfg.text_layers else spec.text
     if not shape:
-        return spec
+        return replace(spec, text=text)
     hart = replace(spec.hart, **shape)
     if hart.embed_dim % hart.num_heads:
         raise SystemExit(f"--embed-dim {hart.embed_dim} is not a multiple of --num-heads {hart.num_heads}")
-    return replace(spec, hart=hart)
+    return replace(spec, hart=hart, text=text)
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -785,7 +787,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--out", default=defaults.out, help=f"output folder (default: {defaults.out})")
     p.add_argument("--smoke", action="store_true", help="a few steps of the tiny preset (for tests)")
     for name in ("seed", "threads", "num_images", "vae_steps", "vae_batch", "ar_steps", "ar_batch", "warmup",
-                 "restart_every", "embed_dim", "depth", "num_heads"):
+                 "restart_every", "embed_dim", "depth", "num_heads", "text_layers"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     for name in ("vae_lr", "ar_lr", "fg_weight", "text_lr", "scale_weight", "two_shape_prob"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)

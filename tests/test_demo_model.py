@@ -197,3 +197,19 @@ def test_training_smoke_run_writes_a_loadable_checkpoint(train_script, tmp_path)
     # the text model's tokenizer reads a caption word as one token
     ids = encoder.tokenizer.encode(["a red circle on a blue background"], 16)
     assert int(ids.mask.sum()) == 7
+
+
+def test_training_shape_overrides_reach_the_checkpoint(train_script, tmp_path):
+    """--embed-dim/--depth/--num-heads/--text-layers change the model that is trained and written."""
+    from dataclasses import replace
+
+    cfg = replace(train_script.TrainConfig.smoke(str(tmp_path / "ckpt")), embed_dim=48, depth=3, num_heads=3,
+                  text_layers=3, text_lr=1e-3, vae_steps=1, ar_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = train_script.train(cfg)
+    model = load_hart(out)
+    assert (model.cfg.embed_dim, model.cfg.depth, model.cfg.num_heads) == (48, 3, 3)
+    assert TextEncoder.from_pretrained(out / "text_model").config.num_hidden_layers == 3
+    with pytest.raises(SystemExit, match="multiple of"):
+        train_script.shaped_preset(replace(cfg, embed_dim=50))
