@@ -111,11 +111,17 @@ def generate(
     options: SamplerOptions | None = None,
     keep_logits: bool = False,
     progress: Callable[[str], None] | None = None,
+    forced_tokens: Sequence[torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, Trace]:
     """Generate images for B encoded prompts.
 
     ``context`` [B,T,context_dim] fp32 and ``context_mask`` bool [B,T] come from the text encoder.
     Returns uint8 images [B,H,W,3] and the :class:`Trace`.
+
+    ``forced_tokens`` (a diagnostic: where does a model go wrong?) holds token indices [B, pn*pn] for
+    the first stages, e.g. a real image's from ``vae.quantize_residual``: those stages take these
+    indices and their hard codebook entries instead of sampling; the RNG draws are still consumed,
+    so the later stages see the same random stream as without forcing.
     """
     options = options or SamplerOptions()
     options.validate()
@@ -173,6 +179,9 @@ def generate(
         exp_sample = next_draw()
         exp_gumbel = next_draw() if options.more_smooth else None
         idx, latents = sample_stage(logits, stage, codebook, exp_sample, exp_gumbel, options.top_p)
+        if forced_tokens is not None and stage.si < len(forced_tokens):
+            idx = forced_tokens[stage.si].reshape(idx.shape).to(idx.dtype)
+            latents = F.embedding(idx, codebook)
         trace.tokens.append(idx.numpy().copy())
         if not stage.is_final:
             h_map = latents.transpose(1, 2).reshape(B, Cvae, stage.pn, stage.pn)
@@ -209,6 +218,7 @@ def generate_from_prompts(
     options: SamplerOptions | None = None,
     keep_logits: bool = False,
     progress: Callable[[str], None] | None = None,
+    forced_tokens: Sequence[torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, Trace]:
     """Encode prompts with the Qwen2 text encoder, then :func:`generate`."""
     if not prompts:
@@ -216,4 +226,5 @@ def generate_from_prompts(
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         context, mask, _ = text_encoder.encode(list(prompts), max_length=model.cfg.context_token)
-    return generate(model, context, mask, seed=seed, options=options, keep_logits=keep_logits, progress=progress)
+    return generate(model, context, mask, seed=seed, options=options, keep_logits=keep_logits, progress=progress,
+                    forced_tokens=forced_tokens)

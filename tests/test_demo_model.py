@@ -85,6 +85,19 @@ def test_shipped_model_draws_its_captions(demo):
     assert np.array_equal(again, first)
 
 
+def test_teacher_forcing_separates_reading_from_painting(demo):
+    """eval_demo_model --teacher-stages: with every stage forced to a rendered scene's tokens, only the
+    tokenizer and the diffusion head remain (87 % on 100 prompts), far above the free-running model."""
+    model, encoder = demo
+    evaluator = _load_script("eval_demo_model")
+    prompts = scenes.heldout_prompts(100)[9::6][:15]  # two-shape captions
+    forced = evaluator.teacher_forced(model, encoder, prompts, [0, len(model.cfg.patch_nums)], seed=0, cfg=4.5,
+                                      batch=15)
+    free, full = forced.values()
+    assert full.accuracy >= 0.6, full.summary()
+    assert full.accuracy >= free.accuracy + 0.3, (free.summary(), full.summary())
+
+
 # ----------------------------------------------------------------------------- training pieces
 
 
