@@ -79,8 +79,10 @@ class Pipeline:
     >>> image = pipe("a red circle above a blue square", seed=0)       # doctest: +SKIP
     """
 
-    def __init__(self, loop: LoopInfo, backend, tokenizer: PromptTokenizer, codebook: np.ndarray) -> None:
+    def __init__(self, loop: LoopInfo, backend, tokenizer: PromptTokenizer, codebook: np.ndarray,
+                 past_shape: tuple[int, int, int, int] | None = None) -> None:
         self.loop = loop
+        self._past_shape = past_shape  # (depth, rows, heads, head_dim) of ar_stage's past_k
         self.backend = backend
         self.tokenizer = tokenizer
         self.codebook = np.ascontiguousarray(codebook, dtype=np.float32)
@@ -99,7 +101,7 @@ class Pipeline:
         runner = open_backend(export_dir, info, backend, graph_backends or {})
         constants = _load_constants(export_dir / info.get("constants", CONSTANTS))
         tokenizer = PromptTokenizer.from_dir(export_dir / info.get("tokenizer", TOKENIZER_DIR))
-        return cls(loop, runner, tokenizer, constants["codebook"])
+        return cls(loop, runner, tokenizer, constants["codebook"], past_shape=_past_shape(info))
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, backend: str = "onnxruntime",
@@ -192,7 +194,10 @@ class Pipeline:
                 else:
                     cos, sin = rope_cos_sin_2d(stage_positions(pns, stage.si, offsets), loop.head_dim)
                 feeds.update(cos=cos, sin=sin)
-            if stage.si == 0:
+            if stage.si == 0 and self._context_on_stage_graph():
+                empty = self._empty_past()
+                h, k, v = self._run("ar_stage", {**feeds, "past_k": empty, "past_v": empty})
+            elif stage.si == 0:
                 h, k, v = self._run("ar_context", feeds)
             else:
                 h, k, v = self._run("ar_stage", {**feeds, "past_k": past_k, "past_v": past_v})
@@ -248,6 +253,29 @@ class Pipeline:
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.backend.run(graph, feeds)
+
+    def _context_on_stage_graph(self) -> bool:
+        """Whether the backend of ar_stage also runs stage 0 (with an empty past), see backends.py."""
+        runner = getattr(self.backend, "backend_for", lambda _g: self.backend)("ar_stage")
+        return bool(getattr(runner, "context_on_stage_graph", False)) and self._past_shape is not None
+
+    def _empty_past(self) -> np.ndarray:
+        depth, rows, heads, head_dim = self._past_shape
+        return np.zeros((depth, rows, heads, 0, head_dim), np.float32)
+
+
+def _past_shape(info: dict) -> tuple[int, int, int, int] | None:
+    """(depth, rows, heads, head_dim) of ar_stage's ``past_k`` [depth, rows, heads, past, head_dim]."""
+    for graph in info.get("graphs", []):
+        if graph.get("name") != "ar_stage":
+            continue
+        for spec in graph.get("inputs", []):
+            shape = spec.get("shape", [])
+            if spec.get("name") == "past_k" and len(shape) == 5:
+                fixed = [shape[i] for i in (0, 1, 2, 4)]
+                if all(isinstance(d, int) for d in fixed):
+                    return tuple(fixed)  # type: ignore[return-value]
+    return None
 
 
 def read_export_info(export_dir: Path) -> dict:

@@ -167,6 +167,27 @@ def test_image_bar_is_a_fraction_of_an_8bit_step_and_only_for_the_image():
     assert IMAGE_ATOL * 255 <= 0.5  # a stored uint8 pixel moves by at most one level
 
 
+def test_onnxruntime_runs_stage0_on_the_stage_graph_with_an_empty_past(onnx_bundle, monkeypatch):
+    """One session holds the AR weights (each session prepacks its own copy): stage 0 runs on ar_stage
+    with a zero-length past, bit-exact with ar_context; sessions keep no arena between runs."""
+    from hartkit.runtime import backends
+
+    bundle, _ = onnx_bundle
+    pipe = Pipeline.from_bundle(bundle, backend="onnxruntime")
+    assert pipe._past_shape is not None and pipe._context_on_stage_graph()
+    image, trace = pipe.generate(PROMPTS[0], seed=5)
+    sessions = pipe.backend.default._sessions
+    assert "ar_stage" in sessions and "ar_context" not in sessions
+    assert not sessions["ar_stage"].get_session_options().enable_cpu_mem_arena
+
+    monkeypatch.setattr(backends.OnnxRuntimeBackend, "context_on_stage_graph", False)
+    old = Pipeline.from_bundle(bundle, backend="onnxruntime")
+    image2, trace2 = old.generate(PROMPTS[0], seed=5)
+    assert "ar_context" in old.backend.default._sessions
+    assert np.array_equal(image, image2)
+    assert all(np.array_equal(a, b) for a, b in zip(trace.tokens, trace2.tokens))
+
+
 def test_exported_graphs_carry_no_debug_metadata_or_local_paths(onnx_bundle):
     """The exporter's stack traces (absolute source paths of the exporting machine) stay out of bundles."""
     import onnx

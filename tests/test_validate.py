@@ -71,7 +71,13 @@ def reference_runs(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def validation(onnx_bundle, broken_bundle, reference_runs):
-    return validate([onnx_bundle[0], broken_bundle], reference=reference_runs)
+    # Stage 0 on ar_context (onnxruntime otherwise runs it on ar_stage with an empty past), so that
+    # the broken ar_stage first acts at stage 1 and the stage the report names is known in advance.
+    from hartkit.runtime.backends import OnnxRuntimeBackend
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(OnnxRuntimeBackend, "context_on_stage_graph", False)
+        return validate([onnx_bundle[0], broken_bundle], reference=reference_runs)
 
 
 def _row(report, name: str):
@@ -354,7 +360,8 @@ def test_cli_exit_codes_and_report_location(onnx_bundle, broken_bundle, tmp_path
     code = main(["validate", str(broken_bundle), *common, "--out", str(tmp_path / "bad")])
     out = capsys.readouterr().out
     assert code == 3
-    assert "tokens first diverge at stage 1" in out and "graph ar_stage" in out
+    # onnxruntime runs stage 0 on ar_stage too (empty past): the broken graph acts from stage 0
+    assert "tokens first diverge at stage 0" in out and "graph ar_stage" in out
     assert json.loads((tmp_path / "bad" / "report.json").read_text())["passed"] is False
     assert main(["validate", str(onnx_bundle[0]), *common, "--threshold", "no_such_bar=1"]) == 2
     assert "unknown threshold" in capsys.readouterr().err
