@@ -78,8 +78,10 @@ PRESETS: dict[str, dict] = {
             "onnx": {"components": {"text_encoder": "8da4w-g64", "ar_transformer": "8da4w-g64",
                                     "diffusion_head": "8da8w"},
                      "layers": {"text_encoder/embed_tokens": "int4-g64"}},
+            # fp32 VAE on ExecuTorch: XNNPACK does not take the fp16 program's convolutions, and the
+            # portable kernels ran the 0.7B decoder in minutes (the first phone ExecuTorch bench).
             "executorch": {"default": "fp32", "components": {"text_encoder": "8da4w", "ar_transformer": "8da4w",
-                                                             "diffusion_head": "8da8w"}},
+                                                             "diffusion_head": "8da8w", "vae": "fp32"}},
         },
     },
 }

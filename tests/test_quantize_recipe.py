@@ -82,6 +82,18 @@ def test_presets_load_and_round_trip(tmp_path):
     assert laptop.for_format("executorch")[0] == Scheme("fp32")
 
 
+def test_presets_keep_executorch_off_fp16():
+    """An fp16 layer in an ExecuTorch program stays outside XNNPACK (portable kernels: the 0.7B VAE took
+    minutes per image in fp16): the shipped presets give every ExecuTorch component fp32 or an int scheme."""
+    for name in PRESETS:
+        default, components, layers = Recipe.load(name).for_format("executorch")
+        if name == "fp16":
+            continue  # the float16 preset is fp16 by definition (and says so in its description)
+        for component in ("text_encoder", "ar_transformer", "diffusion_head", "vae"):
+            assert components.get(component, default) != Scheme("fp16"), (name, component)
+        assert all(scheme != Scheme("fp16") for _, scheme in layers), name
+
+
 def test_yaml_recipe_with_layer_patterns(tmp_path, tiny_layers):
     path = tmp_path / "mine.yaml"
     path.write_text("name: mine\ncomponents:\n  ar_transformer: int4-g64\nlayers:\n"
