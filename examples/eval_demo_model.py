@@ -60,14 +60,22 @@ def generate_all(model, encoder, prompts: list[str], *, seed: int, cfg: float, b
     return np.concatenate(images)
 
 
+def _image_size(vae) -> int:
+    return vae.downsample * vae.cfg.v_patch_nums[-1]
+
+
+def _vae_input(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N,H,W,3] -> float [N,3,H,W] in [-1, 1], the range the tokenizer was trained on."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
 @torch.no_grad()
 def scene_tokens(model, prompts: list[str], seed: int) -> list[torch.Tensor]:
     """Ground-truth token indices per stage of one rendered scene per prompt (scene i uses seed + i)."""
     vae = model.vae.eval()
-    size = vae.downsample * vae.cfg.v_patch_nums[-1]
+    size = _image_size(vae)
     images = np.stack([scenes.make_scene(seed + i, spec=p, image_size=size)[0] for i, p in enumerate(prompts)])
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    idx_list, _, _ = vae.quantize_residual(vae.encode(x))
+    idx_list, _, _ = vae.quantize_residual(vae.encode(_vae_input(images)))
     return idx_list
 
 
@@ -84,9 +92,8 @@ def tokenizer_psnr(model, n: int = 256, seed: int = 1) -> dict[str, float]:
     """Mean PSNR (dB, uint8 images as the sampler writes them) of held-out scenes through the
     tokenizer: discrete codes only vs codes + continuous residual."""
     vae = model.vae.eval()
-    size = vae.downsample * vae.cfg.v_patch_nums[-1]
-    images, _, _ = scenes.dataset(n, seed=seed, split="test", image_size=size)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    images, _, _ = scenes.dataset(n, seed=seed, split="test", image_size=_image_size(vae))
+    x = _vae_input(images)
 
     def to_u8(img: torch.Tensor) -> np.ndarray:
         # the sampler's conversion: clamp, [0, 1], *255, truncate

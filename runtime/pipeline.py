@@ -83,6 +83,10 @@ class Pipeline:
                  past_shape: tuple[int, int, int, int] | None = None) -> None:
         self.loop = loop
         self._past_shape = past_shape  # (depth, rows, heads, head_dim) of ar_stage's past_k
+        # Whether the backend of ar_stage also runs stage 0, with an empty past (see backends.py).
+        stage_runner = backend.backend_for("ar_stage") if hasattr(backend, "backend_for") else backend
+        self._context_on_stage_graph = past_shape is not None and bool(
+            getattr(stage_runner, "context_on_stage_graph", False))
         self.backend = backend
         self.tokenizer = tokenizer
         self.codebook = np.ascontiguousarray(codebook, dtype=np.float32)
@@ -194,8 +198,8 @@ class Pipeline:
                 else:
                     cos, sin = rope_cos_sin_2d(stage_positions(pns, stage.si, offsets), loop.head_dim)
                 feeds.update(cos=cos, sin=sin)
-            if stage.si == 0 and self._context_on_stage_graph():
-                empty = self._empty_past()
+            if stage.si == 0 and self._context_on_stage_graph:
+                empty = np.zeros((*self._past_shape[:3], 0, self._past_shape[3]), np.float32)
                 h, k, v = self._run("ar_stage", {**feeds, "past_k": empty, "past_v": empty})
             elif stage.si == 0:
                 h, k, v = self._run("ar_context", feeds)
@@ -253,15 +257,6 @@ class Pipeline:
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.backend.run(graph, feeds)
-
-    def _context_on_stage_graph(self) -> bool:
-        """Whether the backend of ar_stage also runs stage 0 (with an empty past), see backends.py."""
-        runner = getattr(self.backend, "backend_for", lambda _g: self.backend)("ar_stage")
-        return bool(getattr(runner, "context_on_stage_graph", False)) and self._past_shape is not None
-
-    def _empty_past(self) -> np.ndarray:
-        depth, rows, heads, head_dim = self._past_shape
-        return np.zeros((depth, rows, heads, 0, head_dim), np.float32)
 
 
 def _past_shape(info: dict) -> tuple[int, int, int, int] | None:
