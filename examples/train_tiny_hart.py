@@ -688,21 +688,27 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def previous_stages(cfg_or_log: TrainConfig | dict) -> list[dict]:
-    """The training.json of every run this one continued from (tokenizer/transformer, recursively),
-    oldest first, without their own nested stages: the provenance of a staged model."""
+    """The training.json of every run this one continued from, oldest first, without their own nested
+    stages: the provenance of a staged model. ``--transformer-from`` brings that checkpoint's whole
+    history; ``--tokenizer-from`` only the runs that trained the tokenizer it reuses (a full checkpoint
+    passed there contributes its tokenizer runs, not the transformer runs after them)."""
     config = asdict(cfg_or_log) if isinstance(cfg_or_log, TrainConfig) else cfg_or_log.get("config", {})
     stages: list[dict] = []
-    for key in ("tokenizer_from", "transformer_from"):
-        folder = config.get(key)
-        path = Path(folder) / "training.json" if folder else None
-        if path is None or not path.is_file():
-            continue
-        prev = json.loads(path.read_text())
-        prev.pop("stages", None)
-        for stage in previous_stages(prev) + [prev]:
-            if stage not in stages:
+    for key, tokenizer_only in (("tokenizer_from", True), ("transformer_from", False)):
+        for stage in _history(config.get(key)):
+            trained_tokenizer = stage.get("config", {}).get("vae_steps", 0) > 0
+            if (trained_tokenizer or not tokenizer_only) and stage not in stages:
                 stages.append(stage)
     return stages
+
+
+def _history(folder: str | None) -> list[dict]:
+    """The runs a checkpoint folder records (its training.json's "stages", then itself), oldest first."""
+    path = Path(folder) / "training.json" if folder else None
+    if path is None or not path.is_file():
+        return []
+    log = json.loads(path.read_text())
+    return (log.pop("stages", None) or []) + [log]
 
 
 def _stage_row(index: int, log: dict) -> str:
@@ -710,7 +716,8 @@ def _stage_row(index: int, log: dict) -> str:
     vae = stopped.get("tokenizer", c["vae_steps"])
     ar = 0 if c.get("tokenizer_only") else stopped.get("transformer", c["ar_steps"])
     tok = f"{vae} x {c['vae_batch']} ({c['vae_lr']:g}, {c.get('fg_weight', 0):g})" if vae else "-"
-    tr = f"{ar} x {c['ar_batch']} ({c['ar_lr']:g})" if ar else "-"
+    text = f", text model {c['text_lr']:g}" if c.get("text_lr") else ""
+    tr = f"{ar} x {c['ar_batch']} ({c['ar_lr']:g}{text})" if ar else "-"
     return (f"| {index} | {tok} | {tr} | {c['num_images']} | {c['threads']} |"
             f" {log['timings_s'].get('total', 0) / 60:.1f} min |")
 
@@ -726,6 +733,9 @@ def model_card(cfg: TrainConfig, spec: Preset, log: dict) -> str:
     for k, v in asdict(cfg).items():
         if k not in ("out", "progress", "overwrite") and getattr(defaults, k) != v and cfg.preset == "demo":
             command += f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+    text_lrs = [st["config"].get("text_lr", 0) for st in (log.get("stages") or []) + [log]]
+    # HART keeps its text encoder frozen; the demo model may train its tiny one jointly (--text-lr).
+    text_state = ("trained jointly with the transformer" if any(text_lrs) else "frozen, random weights")
     stages = log.get("stages") or []
     if stages:
         intro = (f"This folder is the last of {len(stages) + 1} chained runs (each continues from the previous"
@@ -742,7 +752,7 @@ def model_card(cfg: TrainConfig, spec: Preset, log: dict) -> str:
         "background, e.g. \"a red circle above a blue square on a yellow background\"). It is the built-in",
         "default of `hartkit demo`, and a real (learned, not random) model for the export and quantization",
         "checks. Official HART layout: `llm/` (AR transformer + residual diffusion head), `tokenizer/`",
-        "(hybrid VQ tokenizer), `text_model/` (a frozen *random* tiny Qwen2; its BPE is trained on the",
+        f"(hybrid VQ tokenizer), `text_model/` (a tiny Qwen2, {text_state}; its BPE is trained on the",
         "captions so each word is one token). Only the vocabulary of the scenes means anything to it.",
         "",
         intro + " (seeds are fixed; float results vary slightly with the CPU and thread count)",
@@ -760,12 +770,12 @@ def model_card(cfg: TrainConfig, spec: Preset, log: dict) -> str:
         f" {n['diffusion_head']:,} |",
         f"| tokenizer | ch {vae.ch}, ch_mult {list(vae.ch_mult)}, {vae.vocab_size} codes x {vae.z_channels} dims,"
         f" {vae.share_quant_resi} phi convs | {n['tokenizer']:,} |",
-        f"| text model | Qwen2, hidden {spec.text.get('hidden_size')}, {spec.text.get('num_layers')} layers (frozen random) |"
+        f"| text model | Qwen2, hidden {spec.text.get('hidden_size')}, {spec.text.get('num_layers')} layers ({text_state}) |"
         f" {n['text_model']:,} |",
         "",
         "Training runs (CPU; wall times on a 2-core machine shared with other jobs):",
         "",
-        "| run | tokenizer steps x batch (lr, shape-pixel weight) | transformer steps x batch (lr) | images | threads | wall time |",
+        "| run | tokenizer steps x batch (lr, shape-pixel weight) | transformer steps x batch (lr, text model lr) | images | threads | wall time |",
         "|---|---|---|---|---|---|",
         *[_stage_row(i + 1, stage) for i, stage in enumerate(stages + [log])],
         "",

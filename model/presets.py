@@ -60,7 +60,7 @@ def _demo() -> Preset:
         quantizer_type="var_hybrid", share_quant_resi=4, quant_resi=0.5,
     )
     return Preset("demo", "the shipped demo shape: 4 blocks of width 96, 6 scales, 64x64 px", hart, vae,
-                  {"hidden_size": 64, "num_layers": 2, "vocab_size": 512})
+                  {"hidden_size": 64, "num_layers": 4, "vocab_size": 512})
 
 
 def _hart_07b() -> Preset:

@@ -55,6 +55,7 @@ def test_shipped_checkpoint_is_the_demo_preset_in_the_official_layout(demo):
     assert model.cfg.to_dict() == spec.hart.to_dict()
     assert model.vae_cfg.to_dict() == spec.vae.to_dict()
     assert encoder.hidden_size == model.cfg.context_dim
+    assert encoder.config.num_hidden_layers == spec.text["num_layers"]
     for part in ("llm", "tokenizer", "text_model"):
         assert (DEMO / part / "config.json").is_file() and (DEMO / part / "model.safetensors").is_file()
     total = sum(f.stat().st_size for f in DEMO.rglob("*") if f.is_file())
@@ -224,5 +225,33 @@ def test_training_shape_overrides_reach_the_checkpoint(train_script, tmp_path):
     model = load_hart(out)
     assert (model.cfg.embed_dim, model.cfg.depth, model.cfg.num_heads) == (48, 3, 3)
     assert TextEncoder.from_pretrained(out / "text_model").config.num_hidden_layers == 3
+    card = (out / "README.md").read_text()
+    assert "trained jointly" in card and "frozen" not in card  # --text-lr > 0 trains the text model
     with pytest.raises(SystemExit, match="multiple of"):
         train_script.shaped_preset(replace(cfg, embed_dim=50))
+
+
+def test_provenance_takes_only_the_tokenizer_runs_of_a_tokenizer_source(train_script, tmp_path):
+    """--tokenizer-from a whole checkpoint brings the runs that trained its tokenizer, not the transformer
+    runs that followed them; --transformer-from brings the whole history."""
+    def run(name: str, **config) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        full = {"vae_steps": 0, "ar_steps": 0, "tokenizer_from": None, "transformer_from": None, **config}
+        log = {"config": {"out": name, **full}}
+        log["stages"] = train_script.previous_stages(log)  # as train() records it
+        (folder / "training.json").write_text(json.dumps(log))
+        return str(folder)
+
+    tok = run("tok", vae_steps=10, tokenizer_only=True)
+    ar1 = run("ar1", tokenizer_from=tok, ar_steps=5)
+    ar2 = run("ar2", tokenizer_from=tok, transformer_from=ar1, ar_steps=5)
+
+    def names(**config) -> list[str]:
+        return [stage["config"]["out"] for stage in train_script.previous_stages({"config": config})]
+
+    assert names(tokenizer_from=ar2) == ["tok"]
+    assert names(tokenizer_from=ar2, transformer_from=ar2) == ["tok", "ar1", "ar2"]
+    assert names(transformer_from=ar1) == ["tok", "ar1"]
+    (tmp_path / "tok").rename(tmp_path / "gone")  # the history is read from the records, not the folders
+    assert names(tokenizer_from=ar2, transformer_from=ar2) == ["tok", "ar1", "ar2"]
