@@ -733,10 +733,10 @@ def model_card(cfg: TrainConfig, spec: Preset, log: dict) -> str:
     for k, v in asdict(cfg).items():
         if k not in ("out", "progress", "overwrite") and getattr(defaults, k) != v and cfg.preset == "demo":
             command += f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-    text_lrs = [st["config"].get("text_lr", 0) for st in (log.get("stages") or []) + [log]]
-    # HART keeps its text encoder frozen; the demo model may train its tiny one jointly (--text-lr).
-    text_state = ("trained jointly with the transformer" if any(text_lrs) else "frozen, random weights")
     stages = log.get("stages") or []
+    # HART keeps its text encoder frozen; the demo model may train its tiny one jointly (--text-lr).
+    joint = any(stage["config"].get("text_lr") for stage in stages + [log])
+    text_state = "trained jointly with the transformer" if joint else "frozen, random weights"
     if stages:
         intro = (f"This folder is the last of {len(stages) + 1} chained runs (each continues from the previous"
                  " one's weights; `training.json` keeps every stage's settings and losses under \"stages\").")
