@@ -42,6 +42,10 @@ RESOLUTION_HELP = ("run the same weights on fewer scales, up to this image size 
                    "1024 px model); the valid sizes are listed on error (default: the model's own)")
 
 
+CFG_HELP = ("classifier-free guidance scale (default: the model's recommendation, guidance_scale in the "
+            "checkpoint's llm/generation_config.json or the bundle's manifest; HART's 4.5 without one)")
+
+
 def _cfg(text: str) -> float:
     from hartkit.model.sampler import MAX_CFG
 
@@ -83,7 +87,7 @@ def _load_reference(checkpoint: Path, text_model: Path, resolution: int | None =
     return load_hart(checkpoint, resolution=resolution), TextEncoder.from_pretrained(text_model)
 
 
-def _generate_images(checkpoint: Path, text_model: Path, prompts: list[str], seed: int, cfg: float,
+def _generate_images(checkpoint: Path, text_model: Path, prompts: list[str], seed: int, cfg: float | None,
                      more_smooth: bool, top_p: float, resolution: int | None = None, loaded=None):
     """``loaded``: a (model, encoder) pair from :func:`_load_reference`, to reuse instead of loading."""
     from tqdm import tqdm
@@ -145,7 +149,7 @@ def _graph_backends(items: list[str] | None) -> dict[str, str]:
 
 
 def _generate_exported(export_dir: Path, backend: str, graph_backends: dict[str, str], prompts: list[str],
-                       seed: int, cfg: float, more_smooth: bool, top_p: float):
+                       seed: int, cfg: float | None, more_smooth: bool, top_p: float):
     import numpy as np
     from tqdm import tqdm
 
@@ -300,7 +304,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     images = _generate_images(checkpoint, checkpoint / "text_model", [args.prompt], args.seed, args.cfg, True, 0.0,
                               loaded=loaded)
     paths = _save_images(images, out_dir / "demo.png")
-    print(f"prompt: {args.prompt!r}  seed: {args.seed}")
+    guidance = loaded[0].default_cfg if args.cfg is None else args.cfg
+    print(f"prompt: {args.prompt!r}  seed: {args.seed}  guidance: {guidance:g}")
     print(f"wrote {paths[0]} from checkpoint {checkpoint} (PyTorch reference sampler)")
     if checkpoint == demo_checkpoint():
         _demo_grid(checkpoint, out_dir, args, images[0], loaded)
@@ -426,7 +431,7 @@ def _add_validate_parser(sub) -> None:
                    help="run one graph on another backend, e.g. vae_decode=onnxruntime (repeatable)")
     p.add_argument("--prompts", metavar="FILE", help="prompts: one per line, or a JSON list (default: built-in set)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default: 0,1)")
-    p.add_argument("--cfg", type=_cfg, default=4.5, help="classifier-free guidance scale (default: 4.5)")
+    p.add_argument("--cfg", type=_cfg, default=None, help=CFG_HELP)
     p.add_argument("--threshold", action="append", metavar="NAME=VALUE",
                    help="override one bar, e.g. tf_top1_min=0.9 or image_ssim_min=none (repeatable)")
     p.add_argument("--thresholds", metavar="JSON", help="a JSON file {name: value} of bars to override")
@@ -469,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate one image with the built-in default model and print where it went.")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
-    p.add_argument("--cfg", type=_cfg, default=4.5, help="classifier-free guidance scale (default: 4.5)")
+    p.add_argument("--cfg", type=_cfg, default=None, help=CFG_HELP)
     p.add_argument("--out", default=str(DEFAULT_DEMO_DIR), help=f"output folder (default: {DEFAULT_DEMO_DIR})")
     p.add_argument("--quick", action="store_true",
                    help="only the PyTorch reference image (skip the ONNX export, runtime run and validation report)")
@@ -499,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, action="append",
                    help="text prompt; repeat for a batch (images are numbered)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
-    p.add_argument("--cfg", type=_cfg, default=4.5, help="classifier-free guidance scale (default: 4.5)")
+    p.add_argument("--cfg", type=_cfg, default=None, help=CFG_HELP)
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold, 0 = off (default, as upstream)")
     p.add_argument("--resolution", type=_resolution, metavar="PX", help=RESOLUTION_HELP + " (with --checkpoint)")
     p.add_argument("--no-smooth", action="store_true",

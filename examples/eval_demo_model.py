@@ -17,6 +17,11 @@
    layout; at the fine stages, that it cannot paint the shapes; K = all stages is the tokenizer's and
    the diffusion head's ceiling.
 
+4. ``--choose-cfg 1,2,3,4.5``: the guidance scale the model should run at, chosen on ``--n``
+   *training* captions (never on the held-out ones it is then scored on) and written to
+   ``<checkpoint>/llm/generation_config.json``, which every hartkit command, export and runtime reads
+   as its default. HART's 4.5 was tuned for HART; a tiny model over-saturates at it.
+
 ``--update-readme`` rewrites the marked block of ``<checkpoint>/README.md`` with the numbers.
 """
 
@@ -32,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hartkit.model.checkpoint import load_hart
+from hartkit.loop.plan import HART_DEFAULT_CFG
+from hartkit.model.checkpoint import load_hart, write_default_cfg
 from hartkit.model.sampler import SamplerOptions, generate_from_prompts
 from hartkit.model.text_encoder import TextEncoder
 from hartkit.runtime.images import caption_grid, psnr
@@ -109,6 +115,25 @@ def tokenizer_psnr(model, n: int = 256, seed: int = 1) -> dict[str, float]:
     return {f"psnr_{k}_db": float(np.mean(v)) for k, v in out.items()}
 
 
+def training_prompts(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    train_specs = scenes.specs_of_split("train")
+    return [train_specs[i].caption() for i in rng.permutation(len(train_specs))[:n]]
+
+
+def choose_cfg(model, encoder, values: list[float], *, n: int, seed: int, batch: int) -> tuple[float, dict[str, float]]:
+    """The guidance scale with the best caption accuracy on ``n`` training captions (seeds ``seed+2000``
+    on; ties go to the smaller scale). -> (best, {value: accuracy})."""
+    prompts = training_prompts(n, seed + 1)
+    scores = {}
+    for value in values:
+        images = generate_all(model, encoder, prompts, seed=seed + 2000, cfg=value, batch=batch)
+        scores[f"{value:g}"] = evaluate(images, prompts).accuracy
+        print(f"  cfg {value:g}: {100 * scores[f'{value:g}']:.0f} % of {n} training prompts")
+    best = max(sorted(values), key=lambda v: scores[f"{v:g}"])
+    return best, scores
+
+
 def report_dict(report: CaptionReport) -> dict:
     return {
         "n": report.n,
@@ -143,6 +168,13 @@ def readme_block(result: dict, command: str) -> str:
                  f" {100 * h['by_kind']['two_shapes']:.0f} % | |")
     if "train" in result:
         lines.append(f"| (training prompts, for comparison) | {100 * result['train']['caption_accuracy']:.0f} % | |")
+    if "heldout_at_hart_cfg" in result:
+        lines.append(f"| (at HART's guidance {HART_DEFAULT_CFG:g} instead) |"
+                     f" {100 * result['heldout_at_hart_cfg']['caption_accuracy']:.0f} % | |")
+    if "cfg_sweep_training_prompts" in result:
+        sweep = ", ".join(f"{k}: {100 * v:.0f} %" for k, v in result["cfg_sweep_training_prompts"].items())
+        lines += ["", f"Guidance {result['cfg']:g} (the checkpoint's `llm/generation_config.json`, the default of every"
+                      f" hartkit command) was chosen on {h['n']} *training* prompts: {sweep}."]
     t = result["tokenizer"]
     lines += [
         "",
@@ -170,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint folder (default: assets/demo)")
     p.add_argument("--n", type=int, default=100, help="held-out prompts (default: 100)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg", type=float, default=4.5, help="guidance scale (default: 4.5, the CLI's)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="guidance scale (default: the checkpoint's, as every hartkit command; HART's 4.5 without one)")
+    p.add_argument("--choose-cfg", metavar="C1,C2",
+                   help="choose the guidance scale on training prompts, write it to llm/generation_config.json")
     p.add_argument("--batch", type=int, default=25)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train-prompts", action="store_true", help="also score --n training captions")
@@ -186,17 +221,30 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = Path(args.checkpoint)
     model = load_hart(ckpt)
     encoder = TextEncoder.from_pretrained(ckpt / "text_model")
+    result: dict = {"checkpoint": str(ckpt)}
+    if args.choose_cfg:
+        values = [float(v) for v in args.choose_cfg.split(",")]
+        print(f"choosing the guidance scale on {args.n} training prompts:")
+        best, result["cfg_sweep_training_prompts"] = choose_cfg(model, encoder, values, n=args.n, seed=args.seed,
+                                                                 batch=args.batch)
+        write_default_cfg(ckpt / "llm", best, note=f"chosen by examples/eval_demo_model.py --choose-cfg "
+                                                   f"{args.choose_cfg} on {args.n} training prompts")
+        model.default_cfg = best
+        print(f"wrote {ckpt / 'llm' / 'generation_config.json'}: guidance_scale {best:g}")
+    cfg = model.default_cfg if args.cfg is None else args.cfg
     prompts = scenes.heldout_prompts(args.n)
-    images = generate_all(model, encoder, prompts, seed=args.seed, cfg=args.cfg, batch=args.batch)
+    images = generate_all(model, encoder, prompts, seed=args.seed, cfg=cfg, batch=args.batch)
     held = evaluate(images, prompts)
-    result = {"checkpoint": str(ckpt), "cfg": args.cfg, "seed": args.seed, "threads": args.threads,
-              "heldout": report_dict(held)}
-    print("held-out prompts: " + held.summary())
+    result.update({"cfg": cfg, "seed": args.seed, "threads": args.threads, "heldout": report_dict(held)})
+    print(f"held-out prompts (cfg {cfg:g}): " + held.summary())
+    if cfg != HART_DEFAULT_CFG:
+        at_hart = evaluate(generate_all(model, encoder, prompts, seed=args.seed, cfg=HART_DEFAULT_CFG,
+                                        batch=args.batch), prompts)
+        result["heldout_at_hart_cfg"] = report_dict(at_hart)
+        print(f"held-out prompts at HART's cfg {HART_DEFAULT_CFG:g}: " + at_hart.summary())
     if args.train_prompts:
-        rng = np.random.default_rng(args.seed)
-        train_specs = scenes.specs_of_split("train")
-        train_prompts = [train_specs[i].caption() for i in rng.permutation(len(train_specs))[: args.n]]
-        train_images = generate_all(model, encoder, train_prompts, seed=args.seed + 1000, cfg=args.cfg,
+        train_prompts = training_prompts(args.n, args.seed)
+        train_images = generate_all(model, encoder, train_prompts, seed=args.seed + 1000, cfg=cfg,
                                     batch=args.batch)
         train = evaluate(train_images, train_prompts)
         result["train"] = report_dict(train)
@@ -206,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         num_stages = len(model.cfg.patch_nums)
         if any(not 0 <= k <= num_stages for k in stages):
             p.error(f"--teacher-stages: each K must be in 0..{num_stages} (the model has {num_stages} stages)")
-        forced = teacher_forced(model, encoder, prompts, stages, seed=args.seed, cfg=args.cfg, batch=args.batch)
+        forced = teacher_forced(model, encoder, prompts, stages, seed=args.seed, cfg=cfg, batch=args.batch)
         result["teacher_forced"] = {str(k): report_dict(r) for k, r in forced.items()}
         for k, r in forced.items():
             print(f"first {k} of {num_stages} stages teacher-forced: " + r.summary())
@@ -221,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     if args.update_readme:
-        command = "python examples/eval_demo_model.py" + (" --train-prompts" if args.train_prompts else "")
+        command = ("python examples/eval_demo_model.py" + (f" --choose-cfg {args.choose_cfg}" if args.choose_cfg else "")
+                   + (" --train-prompts" if args.train_prompts else ""))
         update_readme(ckpt / "README.md", readme_block(result, command))
         print(f"updated {ckpt / 'README.md'}")
     return 0

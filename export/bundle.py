@@ -22,7 +22,6 @@ LIBRARIES = ("torch", "numpy", "transformers", "tokenizers", "onnx", "onnxruntim
 # Golden-vector tolerances per format family: fp32 exports replay to ~1e-6; these leave room for
 # other CPUs/threads but catch a wrong or perturbed graph.
 GOLDEN_ATOL, GOLDEN_RTOL = 1e-3, 1e-3
-DEFAULT_CFG = 4.5
 TARGETS = {"coreml": {"minimum_deployment_target": "iOS17", "compute_precision": "float16"},
            "executorch": {"delegate": "XnnpackBackend"}, "onnx": {"opset": 18}}
 
@@ -87,7 +86,8 @@ def build_manifest(info: dict, tokenizer, golden_graphs: dict, golden_loop: dict
     """
     loop = info["loop"]
     sched = IDDPMSchedule.create(loop["num_sampling_steps"])
-    plan = stage_plan(loop["patch_nums"], loop["context_token"], loop["vocab_size"], DEFAULT_CFG, loop["num_phis"])
+    plan = stage_plan(loop["patch_nums"], loop["context_token"], loop["vocab_size"], loop["default_cfg"],
+                      loop["num_phis"])
     manifest = dict(info)
     manifest.update({
         "schema_version": SCHEMA_VERSION,
@@ -97,7 +97,6 @@ def build_manifest(info: dict, tokenizer, golden_graphs: dict, golden_loop: dict
                   **({"text_model_path": str(text_model_path)} if text_model_path is not None else {})},
         "loop": {
             **loop,
-            "default_cfg": DEFAULT_CFG,
             "rules": {
                 "ratio": "si / (SN - 1) for si < SN - 1; the final stage reuses the previous stage's ratio",
                 "cfg_scale": "t = cfg * ratio; logits = (1 + t) * cond - t * uncond",

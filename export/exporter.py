@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from hartkit.errors import HartkitError, MissingDependencyError, UsageError
-from hartkit.export.bundle import (DEFAULT_CFG, QUANTIZED_GOLDEN_TOL, build_manifest, write_golden,
+from hartkit.export.bundle import (QUANTIZED_GOLDEN_TOL, build_manifest, write_golden,
                                    write_loop_golden)
 from hartkit.export.graphs import GraphSpec, hart_graph_specs
 from hartkit.export.info import build_export_info
@@ -145,7 +145,7 @@ def export_checkpoint(
     recorder = RecordingBackend(torch_backend)
     pipe = Pipeline(_loop_from(model, system_length), recorder, encoder.tokenizer,
                     torch_backend.codebook)
-    ref_image, ref_trace = pipe.generate(record_prompt, seed=seed)
+    ref_image, ref_trace = pipe.generate(record_prompt, seed=seed, cfg=model.default_cfg)
 
     # --- quantization hook (issue 4, hartkit.quantize): resolve the recipe for every format now,
     # so a refused (scheme, format) cell fails before anything is written.
@@ -194,7 +194,7 @@ def export_checkpoint(
             result.notes.extend(quant.notes)
         info["notes"] = result.notes
         golden_graphs = write_golden(tmp, recorder.calls, output_names)
-        golden_loop = write_loop_golden(tmp, record_prompt, seed, DEFAULT_CFG, ref_trace.tokens, ref_image)
+        golden_loop = write_loop_golden(tmp, record_prompt, seed, model.default_cfg, ref_trace.tokens, ref_image)
         if quant is not None:
             # A quantized graph's golden outputs are the eager-quantized ones, per format; the fp32
             # loop replay does not apply (quantized tokens legitimately differ).

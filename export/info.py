@@ -30,6 +30,7 @@ def loop_info(model: HART, system_length: int) -> dict:
         "num_sampling_steps": str(cfg.num_sampling_steps),
         "system_length": int(system_length),
         "image_size": cfg.patch_nums[-1] * model.vae_cfg.downsample,
+        "default_cfg": float(model.default_cfg),  # the checkpoint's recommended guidance (else HART's 4.5)
     }
 
 

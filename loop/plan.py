@@ -20,6 +20,11 @@ from hartkit.loop.resample import phi_index  # upstream float64 tick expression 
 
 TOP_K_EARLY, TOP_K_LATE, TOP_K_SWITCH_STAGE = 600, 300, 7
 
+# HART's guidance scale (its sample script's default). A checkpoint may recommend its own in
+# llm/generation_config.json (``guidance_scale``: the name and file transformers' GenerationConfig
+# uses); every command, export and runtime falls back to this one without it.
+HART_DEFAULT_CFG = 4.5
+
 
 @dataclass(frozen=True)
 class Stage:

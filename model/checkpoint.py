@@ -32,10 +32,12 @@ import torch
 from torch import nn
 
 from hartkit.errors import CheckpointError
+from hartkit.loop.plan import HART_DEFAULT_CFG
 from hartkit.model.config import HARTConfig, VAEConfig
 
 LLM_WEIGHT_NAMES = ("ema_model.bin", "model.safetensors", "pytorch_model.bin")
 VAE_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
+GENERATION_CONFIG = "generation_config.json"  # llm/: the checkpoint's sampling defaults (optional)
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # Persisted upstream, never read at inference. attn_bias_for_masking is 380 MB at 1024 px.
 DROPPED_LLM_KEYS = ("attn_bias_for_masking",)
@@ -196,6 +198,7 @@ class HART:
     vae_cfg: VAEConfig
     transformer: "nn.Module"
     vae: "nn.Module"
+    default_cfg: float = HART_DEFAULT_CFG  # guidance when a caller gives none (llm/generation_config.json)
 
     @property
     def vocab_size(self) -> int:
@@ -241,6 +244,34 @@ def resolve_vae_dir(root_llm: Path, cfg: HARTConfig) -> Path:
     return root_llm.parent / "tokenizer"
 
 
+def read_default_cfg(llm_dir: Path) -> float:
+    """The guidance scale ``llm/generation_config.json`` recommends (``guidance_scale``, transformers'
+    GenerationConfig name), else HART's 4.5. Official HART checkpoints carry no such file."""
+    path = Path(llm_dir) / GENERATION_CONFIG
+    if not path.exists():
+        return HART_DEFAULT_CFG
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    value = data.get("guidance_scale", HART_DEFAULT_CFG)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 50.0):
+        raise CheckpointError(f"{path}: 'guidance_scale' must be a number in [0, 50], found {value!r}")
+    return float(value)
+
+
+def write_default_cfg(llm_dir: Path, cfg: float, note: str = "") -> None:
+    """Record a recommended guidance scale in ``llm/generation_config.json`` (atomic; keeps other keys)."""
+    path = Path(llm_dir) / GENERATION_CONFIG
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data["guidance_scale"] = float(cfg)
+    if note:
+        data["hartkit_note"] = note
+    write_json(path, data)
+
+
 def load_hart(root: str | os.PathLike, *, prefer_ema: bool = True, dtype: torch.dtype = torch.float32,
               resolution: int | None = None) -> HART:
     """Load ``<root>/llm`` and ``<root>/tokenizer`` (the official layout) on the CPU.
@@ -268,6 +299,7 @@ def load_hart(root: str | os.PathLike, *, prefer_ema: bool = True, dtype: torch.
     strict_load(model.transformer, llm_state, llm_src, assign=True)
     strict_load(model.vae, vae_state, vae_src, assign=True)
     _materialize_buffers(model)
+    model.default_cfg = read_default_cfg(llm_dir)
     if resolution is not None:
         model = restrict_resolution(model, resolution)
     if dtype != torch.float32:
@@ -307,6 +339,7 @@ def restrict_resolution(model: HART, resolution: int) -> HART:
         torch.full((p * p,), i + 1, dtype=torch.int64) for i, p in enumerate(keep[1:])]
     small.transformer.lvl_1L = torch.cat(levels).view(1, -1)
     small.vae = model.vae
+    small.default_cfg = model.default_cfg
     return small.eval()
 
 
@@ -379,5 +412,7 @@ def save_hart(model: HART, root: Path) -> None:
     vae_dir.mkdir(parents=True, exist_ok=True)
     write_json(llm_dir / "config.json", {**model.cfg.to_dict(), "architectures": ["HARTForT2I"]})
     save_state_dict(model.transformer.state_dict(), llm_dir / "model.safetensors")
+    if model.default_cfg != HART_DEFAULT_CFG:
+        write_default_cfg(llm_dir, model.default_cfg)
     write_json(vae_dir / "config.json", {**model.vae_cfg.to_dict(), "architectures": ["HARTAutoEncoderWithDisc"]})
     save_state_dict({f"vae.{k}": v for k, v in model.vae.state_dict().items()}, vae_dir / "model.safetensors")

@@ -35,12 +35,12 @@ MAX_CFG = 50.0
 
 @dataclass
 class SamplerOptions:
-    cfg: float = 4.5
+    cfg: float | None = None  # None: the checkpoint's default guidance (HART.default_cfg)
     more_smooth: bool = True
     top_p: float = 0.0
 
     def validate(self) -> None:
-        if not (0.0 <= self.cfg <= MAX_CFG) or self.cfg != self.cfg:
+        if self.cfg is not None and (not (0.0 <= self.cfg <= MAX_CFG) or self.cfg != self.cfg):
             raise UsageError(f"cfg must be in [0, {MAX_CFG}], got {self.cfg}")
         if not (0.0 <= self.top_p < 1.0):
             raise UsageError(f"top_p must be in [0, 1), got {self.top_p}")
@@ -132,7 +132,8 @@ def generate(
     patch_nums = tuple(cfg.patch_nums)
     last = patch_nums[-1]
     V, Cvae = model.vocab_size, model.latent_dim
-    plan = stage_plan(patch_nums, cfg.context_token, V, options.cfg, _num_phi(model))
+    guidance = model.default_cfg if options.cfg is None else options.cfg
+    plan = stage_plan(patch_nums, cfg.context_token, V, guidance, _num_phi(model))
     draws = iter_draws(
         PortableRNG(seed),
         draw_plan(B, patch_nums, V, Cvae, num_diffusion_steps(model), more_smooth=options.more_smooth),

@@ -197,7 +197,7 @@ class _Recorder:
 
 
 def record(model, encoder, system_length: int, prompts: Sequence[str] | None = None, *, seed: int = 0,
-           cfg: float = 4.5, max_calls: int = DEFAULT_MAX_CALLS,
+           cfg: float | None = None, max_calls: int = DEFAULT_MAX_CALLS,
            progress: Callable[[str], None] | None = None) -> CalibrationSet:
     """Run the reference loop (eager fp32 graphs) on every prompt and keep the graphs' inputs."""
     from hartkit.export.info import loop_info
@@ -210,6 +210,7 @@ def record(model, encoder, system_length: int, prompts: Sequence[str] | None = N
     backend, _ = TorchBackend.from_model(model, encoder, system_length)
     rec = _Recorder(backend, max_calls)
     pipe = Pipeline(LoopInfo.from_dict(loop_info(model, system_length)), rec, encoder.tokenizer, backend.codebook)
+    cfg = pipe.loop.default_cfg if cfg is None else cfg  # calibrate at the guidance the model will run at
     import warnings
 
     for i, prompt in enumerate(prompts):

@@ -17,6 +17,7 @@ import numpy as np
 
 from hartkit.errors import HartkitError, UsageError
 from hartkit.loop.plan import stage_plan
+from hartkit.loop.plan import HART_DEFAULT_CFG
 from hartkit.loop.prompt import PromptTokenizer
 from hartkit.loop.rng import PortableRNG, draw_plan, iter_draws
 from hartkit.loop.rope import context_positions, rope_cos_sin_1d, rope_cos_sin_2d, stage_positions
@@ -43,6 +44,7 @@ class LoopInfo:
     num_phis: int
     num_sampling_steps: str
     system_length: int
+    default_cfg: float = HART_DEFAULT_CFG  # guidance when a caller gives none (the checkpoint's recommendation)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LoopInfo":
@@ -57,6 +59,7 @@ class LoopInfo:
                 num_phis=int(data["num_phis"]),
                 num_sampling_steps=str(data["num_sampling_steps"]),
                 system_length=int(data["system_length"]),
+                default_cfg=float(data.get("default_cfg", HART_DEFAULT_CFG)),  # absent in older bundles
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise HartkitError(f"export info: the 'loop' section is incomplete or malformed ({exc!r})") from exc
@@ -128,7 +131,7 @@ class Pipeline:
         return cls(LoopInfo.from_dict(info["loop"]), backend, backend.tokenizer, backend.codebook)
 
     # ------------------------------------------------------------------ generation
-    def __call__(self, prompt: str, seed: int = 0, cfg: float = 4.5, more_smooth: bool = True,
+    def __call__(self, prompt: str, seed: int = 0, cfg: float | None = None, more_smooth: bool = True,
                  top_p: float = 0.0, progress: Callable[[str], None] | None = None):
         from PIL import Image
 
@@ -152,17 +155,22 @@ class Pipeline:
         (context,) = self._run("text_encoder", {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)})
         return context.astype(np.float32), batch.mask.astype(bool)
 
-    def generate(self, prompt: str, seed: int = 0, cfg: float = 4.5, more_smooth: bool = True, top_p: float = 0.0,
+    def generate(self, prompt: str, seed: int = 0, cfg: float | None = None, more_smooth: bool = True, top_p: float = 0.0,
                  progress: Callable[[str], None] | None = None, keep_logits: bool = False,
                  context: tuple[np.ndarray, np.ndarray] | None = None,
                  teacher: RuntimeTrace | None = None) -> tuple[np.ndarray, RuntimeTrace]:
         """One image: uint8 ``[H, W, 3]`` and the trace (tokens per stage, ...).
+
+        ``cfg`` None: the guidance the model recommends (manifest ``loop.default_cfg``; HART's 4.5
+        unless the checkpoint's ``llm/generation_config.json`` says otherwise).
 
         ``teacher`` (a trace of another run, e.g. the fp32 reference) forces its sampled tokens and
         latents at every stage, so each stage sees the teacher's inputs: teacher-forced validation.
         """
         if not isinstance(prompt, str):
             raise UsageError(f"prompt must be a string, got {type(prompt).__name__}")
+        if cfg is None:
+            cfg = self.loop.default_cfg
         if not (0.0 <= cfg <= MAX_CFG):
             raise UsageError(f"cfg must be in [0, {MAX_CFG}], got {cfg}")
         if not (0.0 <= top_p < 1.0):

@@ -44,7 +44,6 @@ DEFAULT_PROMPTS = (
     "a white square to the left of a black circle on a blue background",
 )
 DEFAULT_SEEDS = (0, 1)
-DEFAULT_CFG = 4.5
 TOPK = 10  # top-k overlap: the head of the distribution, where a trained model's mass sits
 RECORD_BUDGET_MB = 1024.0  # recorded graph inputs/outputs kept for the per-graph scores
 FORMAT_BACKEND = {"onnx": "onnxruntime", "executorch": "executorch", "coreml": "coreml"}
@@ -280,7 +279,7 @@ class BudgetRecorder(RecordingBackend):
 
 
 def run_references(refs: References, prompts: Sequence[str] = DEFAULT_PROMPTS, seeds: Sequence[int] = DEFAULT_SEEDS,
-                   cfg: float = DEFAULT_CFG, *, fp16: bool = True, topk: int = TOPK,
+                   cfg: float | None = None, *, fp16: bool = True, topk: int = TOPK,
                    record_budget_mb: float = RECORD_BUDGET_MB, progress: Progress | None = None) -> ReferenceRuns:
     """Generate every (prompt, seed) with the fp32 reference (recording graph inputs), then score fp16.
 
@@ -293,6 +292,7 @@ def run_references(refs: References, prompts: Sequence[str] = DEFAULT_PROMPTS, s
         raise UsageError("no prompts to validate on")
     say = progress or (lambda _m: None)
     runs = [(p, s) for p in prompts for s in seeds]
+    cfg = refs.loop.default_cfg if cfg is None else cfg  # the checkpoint's recommended guidance
     recorder = BudgetRecorder(refs.torch_backend, budget_bytes=int(record_budget_mb * 2**20))
     pipe = Pipeline(refs.loop, recorder, refs.fp32.tokenizer, refs.codebook)
     fp32 = []
@@ -573,7 +573,7 @@ class ValidationReport:
 def validate(bundles: Sequence[str | Path], checkpoint: str | Path | None = None, *,
              text_model: str | Path | None = None, backend: str | None = None,
              graph_backends: Mapping[str, str] | None = None, prompts: Sequence[str] = DEFAULT_PROMPTS,
-             seeds: Sequence[int] = DEFAULT_SEEDS, cfg: float = DEFAULT_CFG,
+             seeds: Sequence[int] = DEFAULT_SEEDS, cfg: float | None = None,
              thresholds: Mapping[str, object] | None = None, fp16: bool = True, topk: int = TOPK,
              reference: ReferenceRuns | None = None, progress: Progress | None = None,
              on_total: Callable[[int], None] | None = None) -> ValidationReport:
