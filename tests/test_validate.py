@@ -389,3 +389,14 @@ def test_int4_recipe_scores_below_int8(tiny_checkpoint, reference_runs, tmp_path
     assert int4["image_psnr_db_min"] < int8["image_psnr_db_min"]
     # Both are far from fp32-exact: the numbers see the quantization at all.
     assert int8["graph_snr_db_min"] < 80
+
+
+def test_image_psnr_pools_the_error_so_one_identical_image_does_not_hide_the_others():
+    from hartkit.validate.core import pooled_psnr
+
+    assert pooled_psnr([math.inf, math.inf]) == math.inf
+    assert pooled_psnr([30.0]) == pytest.approx(30.0)
+    # one identical image and one at 30 dB: half the mean squared error of 30 dB, i.e. +3.01 dB
+    assert pooled_psnr([math.inf, 30.0]) == pytest.approx(30.0 + 10 * math.log10(2))
+    assert pooled_psnr([20.0, 40.0]) == pytest.approx(-10 * math.log10((1e-2 + 1e-4) / 2))
+    assert pooled_psnr([None, 25.0]) == pytest.approx(25.0) and pooled_psnr([None]) is None

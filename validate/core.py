@@ -201,11 +201,11 @@ class Row:
             "free_token_agreement_min": min((s.free_token_agreement for s in self.stages), default=None),
             "first_divergent_stage": self.first_divergent_stage,
             "residual_snr_db_min": min(r.residual_snr_db for r in runs),
-            "image_psnr_db_min": _mean([r.image_psnr_db for r in runs]),
+            "image_psnr_db_min": pooled_psnr([r.image_psnr_db for r in runs]),
             "image_ssim_min": _mean([r.image_ssim for r in runs]),
-            "image_psnr_vs_fp16_db_min": _mean([r.image_psnr_vs_fp16_db for r in runs]),
+            "image_psnr_vs_fp16_db_min": pooled_psnr([r.image_psnr_vs_fp16_db for r in runs]),
             "image_ssim_vs_fp16_min": _mean([r.image_ssim_vs_fp16 for r in runs]),
-            "tf_image_psnr_db": _mean([r.tf_image_psnr_db for r in runs]),
+            "tf_image_psnr_db": pooled_psnr([r.tf_image_psnr_db for r in runs]),
         }
         if self.caption is not None:
             out["caption_accuracy"] = self.caption["accuracy"]
@@ -225,6 +225,17 @@ class Row:
             "caption": self.caption, "notes": self.notes,
             "failures": [x.to_json() for x in self.failures],
         }
+
+
+def pooled_psnr(values: Sequence[float | None]) -> float | None:
+    """PSNR of the mean squared error over runs, from per-run PSNRs (the peak cancels). A plain mean
+    of PSNRs is inf as soon as one image is identical (inf dB), hiding the runs that differ; this is
+    inf only when every image is identical."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    mse = float(np.mean([0.0 if math.isinf(v) else 10.0 ** (-v / 10.0) for v in vals]))
+    return math.inf if mse == 0.0 else -10.0 * math.log10(mse)
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
