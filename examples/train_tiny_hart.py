@@ -717,9 +717,13 @@ def _stage_row(index: int, log: dict) -> str:
     ar = 0 if c.get("tokenizer_only") else stopped.get("transformer", c["ar_steps"])
     tok = f"{vae} x {c['vae_batch']} ({c['vae_lr']:g}, {c.get('fg_weight', 0):g})" if vae else "-"
     text = f", text model {c['text_lr']:g}" if c.get("text_lr") else ""
-    tr = f"{ar} x {c['ar_batch']} ({c['ar_lr']:g}{text})" if ar else "-"
-    return (f"| {index} | {tok} | {tr} | {c['num_images']} | {c['threads']} |"
+    weight = f", scale weight {c['scale_weight']:g}" if c.get("scale_weight") else ""
+    tr = f"{ar} x {c['ar_batch']} ({c['ar_lr']:g}{text}{weight})" if ar else "-"
+    return (f"| {index} | {tok} | {tr} | {c['num_images']} (seed {c.get('seed', 0)}) | {c['threads']} |"
             f" {log['timings_s'].get('total', 0) / 60:.1f} min |")
+
+
+CFG_CHOICES = "1,1.5,2,3,4.5"  # guidance scales eval_demo_model.py --choose-cfg tries on training prompts
 
 
 def model_card(cfg: TrainConfig, spec: Preset, log: dict) -> str:
@@ -759,7 +763,8 @@ def model_card(cfg: TrainConfig, spec: Preset, log: dict) -> str:
         "",
         "```bash",
         command,
-        "python examples/eval_demo_model.py --train-prompts --update-readme   # the numbers below",
+        f"python examples/eval_demo_model.py --checkpoint {cfg.out} --choose-cfg {CFG_CHOICES} --train-prompts"
+        " --update-readme   # guidance + the numbers below",
         "```",
         "",
         "| part | shape | parameters |",
@@ -775,7 +780,7 @@ def model_card(cfg: TrainConfig, spec: Preset, log: dict) -> str:
         "",
         "Training runs (CPU; wall times on a 2-core machine shared with other jobs):",
         "",
-        "| run | tokenizer steps x batch (lr, shape-pixel weight) | transformer steps x batch (lr, text model lr) | images | threads | wall time |",
+        "| run | tokenizer steps x batch (lr, shape-pixel weight) | transformer steps x batch (lr, text model lr, coarse-scale CE weight) | images | threads | wall time |",
         "|---|---|---|---|---|---|",
         *[_stage_row(i + 1, stage) for i, stage in enumerate(stages + [log])],
         "",

@@ -212,6 +212,18 @@ def test_training_smoke_run_writes_a_loadable_checkpoint(train_script, tmp_path)
     ids = encoder.tokenizer.encode(["a red circle on a blue background"], 16)
     assert int(ids.mask.sum()) == 7
 
+    # the evaluator chooses the guidance on training prompts, records it, and scores held-out at it
+    evaluator = _load_script("eval_demo_model")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert evaluator.main(["--checkpoint", str(out), "--n", "4", "--batch", "4", "--threads", "1",
+                               "--choose-cfg", "0,4.5", "--json", str(tmp_path / "eval.json"),
+                               "--update-readme"]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert set(result["cfg_sweep_training_prompts"]) == {"0", "4.5"} and result["cfg"] in (0.0, 4.5)
+    assert load_hart(out).default_cfg == result["cfg"]
+    assert "chosen on 4 *training* prompts" in (out / "README.md").read_text()
+
 
 def test_training_shape_overrides_reach_the_checkpoint(train_script, tmp_path):
     """--embed-dim/--depth/--num-heads/--text-layers change the model that is trained and written."""
