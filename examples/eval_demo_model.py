@@ -17,7 +17,7 @@
    layout; at the fine stages, that it cannot paint the shapes; K = all stages is the tokenizer's and
    the diffusion head's ceiling.
 
-4. ``--choose-cfg 1,2,3,4.5``: the guidance scale the model should run at, chosen on ``--n``
+4. ``--choose-cfg 1,2,3,4.5``: the guidance scale the model should run at, chosen on ``--choose-n``
    *training* captions (never on the held-out ones it is then scored on) and written to
    ``<checkpoint>/llm/generation_config.json``, which every hartkit command, export and runtime reads
    as its default. HART's 4.5 was tuned for HART; a tiny model over-saturates at it.
@@ -174,7 +174,7 @@ def readme_block(result: dict, command: str) -> str:
     if "cfg_sweep_training_prompts" in result:
         sweep = ", ".join(f"{k}: {100 * v:.0f} %" for k, v in result["cfg_sweep_training_prompts"].items())
         lines += ["", f"Guidance {result['cfg']:g} (the checkpoint's `llm/generation_config.json`, the default of every"
-                      f" hartkit command) was chosen on {h['n']} *training* prompts: {sweep}."]
+                      f" hartkit command) was chosen on {result['cfg_choice_n']} *training* prompts: {sweep}."]
     t = result["tokenizer"]
     lines += [
         "",
@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="guidance scale (default: the checkpoint's, as every hartkit command; HART's 4.5 without one)")
     p.add_argument("--choose-cfg", metavar="C1,C2",
                    help="choose the guidance scale on training prompts, write it to llm/generation_config.json")
+    p.add_argument("--choose-n", type=int, default=300,
+                   help="training prompts for --choose-cfg (default: 300; one sample each is noisy)")
     p.add_argument("--batch", type=int, default=25)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train-prompts", action="store_true", help="also score --n training captions")
@@ -224,11 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"checkpoint": str(ckpt)}
     if args.choose_cfg:
         values = [float(v) for v in args.choose_cfg.split(",")]
-        print(f"choosing the guidance scale on {args.n} training prompts:")
-        best, result["cfg_sweep_training_prompts"] = choose_cfg(model, encoder, values, n=args.n, seed=args.seed,
-                                                                 batch=args.batch)
+        print(f"choosing the guidance scale on {args.choose_n} training prompts:")
+        best, result["cfg_sweep_training_prompts"] = choose_cfg(model, encoder, values, n=args.choose_n,
+                                                                 seed=args.seed, batch=args.batch)
+        result["cfg_choice_n"] = args.choose_n
         write_default_cfg(ckpt / "llm", best, note=f"chosen by examples/eval_demo_model.py --choose-cfg "
-                                                   f"{args.choose_cfg} on {args.n} training prompts")
+                                                   f"{args.choose_cfg} on {args.choose_n} training prompts")
         model.default_cfg = best
         print(f"wrote {ckpt / 'llm' / 'generation_config.json'}: guidance_scale {best:g}")
     cfg = model.default_cfg if args.cfg is None else args.cfg
@@ -269,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     if args.update_readme:
-        command = ("python examples/eval_demo_model.py" + (f" --choose-cfg {args.choose_cfg}" if args.choose_cfg else "")
+        choose = f" --choose-cfg {args.choose_cfg}" if args.choose_cfg else ""
+        command = ("python examples/eval_demo_model.py" + choose
                    + (" --train-prompts" if args.train_prompts else ""))
         update_readme(ckpt / "README.md", readme_block(result, command))
         print(f"updated {ckpt / 'README.md'}")

@@ -217,7 +217,7 @@ def test_training_smoke_run_writes_a_loadable_checkpoint(train_script, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert evaluator.main(["--checkpoint", str(out), "--n", "4", "--batch", "4", "--threads", "1",
-                               "--choose-cfg", "0,4.5", "--json", str(tmp_path / "eval.json"),
+                               "--choose-cfg", "0,4.5", "--choose-n", "4", "--json", str(tmp_path / "eval.json"),
                                "--update-readme"]) == 0
     result = json.loads((tmp_path / "eval.json").read_text())
     assert set(result["cfg_sweep_training_prompts"]) == {"0", "4.5"} and result["cfg"] in (0.0, 4.5)

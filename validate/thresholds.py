@@ -38,11 +38,13 @@ THRESHOLDS: dict[str, tuple[float | None, str]] = {
     "residual_snr_db_min": (
         15.0, "teacher-forced: SNR (dB) of the residual diffusion head's output, worst prompt x seed"),
     "image_psnr_db_min": (
-        20.0, "free-running: PSNR (dB) of the final image vs the fp32 image, of the mean squared error over prompts x seeds"),
+        20.0, "free-running: PSNR (dB) of the final image vs the fp32 image, from the mean squared error over "
+              "prompts x seeds"),
     "image_ssim_min": (
         0.70, "free-running: SSIM of the final image vs the fp32 image, mean over prompts x seeds"),
     "image_psnr_vs_fp16_db_min": (
-        None, "free-running: PSNR (dB) of the final image vs the fp16 reference image, pooled as above (off by default)"),
+        None, "free-running: PSNR (dB) of the final image vs the fp16 reference image, pooled as above "
+              "(off by default)"),
     "image_ssim_vs_fp16_min": (
         None, "free-running: SSIM of the final image vs the fp16 reference image, mean (off by default)"),
     "caption_accuracy_drop_max": (
