@@ -267,3 +267,21 @@ def test_provenance_takes_only_the_tokenizer_runs_of_a_tokenizer_source(train_sc
     assert names(transformer_from=ar1) == ["tok", "ar1"]
     (tmp_path / "tok").rename(tmp_path / "gone")  # the history is read from the records, not the folders
     assert names(tokenizer_from=ar2, transformer_from=ar2) == ["tok", "ar1", "ar2"]
+
+
+def test_quantized_demo_table_reads_a_validate_report():
+    script = _load_script("quantized_demo")
+
+    def row(recipe, fmt, caption, top1, agree, psnr):
+        return {"kind": "bundle", "status": "ok", "recipe": recipe, "format": fmt, "caption": {"accuracy": caption},
+                "summary": {"tf_top1_min": top1, "image_psnr_db_min": psnr},
+                "stages": [{"free_token_agreement": 1.0}, {"free_token_agreement": agree}]}
+
+    report = {"cfg": 2.0, "reference": {"fp32": {"caption": {"accuracy": 0.6}}},
+              "rows": [row("fp32", "onnx", 0.58, 1.0, 0.999, "inf"), row("laptop", "executorch", 0.5, 0.9, 0.35, 24.04),
+                       {"kind": "bundle", "status": "skipped", "recipe": "phone", "format": "coreml"}]}
+    lines = script.table(report).splitlines()
+    assert lines[2] == "| torch fp32 (reference, guidance 2) | 60 % | | | |"
+    assert lines[3] == "| onnxruntime / ExecuTorch fp32 | 58 % / - | 1.00 / - | 99.90 % / - | equal images / - |"
+    assert lines[4] == "| onnxruntime / ExecuTorch `laptop` (int8) | - / 50 % | - / 0.90 | - / 35.00 % | - / 24.0 dB |"
+    assert lines[5].endswith("| - / - | - / - | - / - | - / - |")
