@@ -257,7 +257,7 @@ def read_default_cfg(llm_dir: Path) -> float:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
     value = data.get("guidance_scale", HART_DEFAULT_CFG)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 50.0):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 50.0):  # MAX_CFG
         raise CheckpointError(f"{path}: 'guidance_scale' must be a number in [0, 50], found {value!r}")
     return float(value)
 
@@ -265,6 +265,7 @@ def read_default_cfg(llm_dir: Path) -> float:
 def write_default_cfg(llm_dir: Path, cfg: float, note: str = "") -> None:
     """Record a recommended guidance scale in ``llm/generation_config.json`` (atomic; keeps other keys)."""
     path = Path(llm_dir) / GENERATION_CONFIG
+    read_default_cfg(llm_dir)  # refuse to rewrite a malformed file (named in the error)
     data = json.loads(path.read_text()) if path.is_file() else {}
     data["guidance_scale"] = float(cfg)
     if note:
