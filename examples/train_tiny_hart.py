@@ -780,7 +780,7 @@ def model_card(cfg: TrainConfig, spec: Preset, log: dict) -> str:
         "",
         "Training runs (CPU; wall times on a 2-core machine shared with other jobs):",
         "",
-        "| run | tokenizer steps x batch (lr, shape-pixel weight) | transformer steps x batch (lr, text model lr, coarse-scale CE weight) | images | threads | wall time |",
+        "| run | tokenizer steps x batch (lr, shape-pixel weight) | transformer steps x batch (lr, text model lr, scale weight w: token CE weight n_s^-w) | images | threads | wall time |",
         "|---|---|---|---|---|---|",
         *[_stage_row(i + 1, stage) for i, stage in enumerate(stages + [log])],
         "",
