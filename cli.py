@@ -370,7 +370,7 @@ def _demo_exported(checkpoint: Path, out_dir: Path, args: argparse.Namespace, re
 
 # ----------------------------------------------------------------------------- validate (begin)
 # `hartkit validate`: owned with validate/ (issue 5, validation half). Exit 0: every bundle row passes;
-# 1: a bar was missed (the failing metric and stage are printed); 2/3: usage or bundle errors.
+# 3: a bar was missed (the failing metric and stage are printed); 2: usage or bundle errors.
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
