@@ -2,7 +2,7 @@
 # The exact sequence of runs that produced assets/demo (see assets/demo/README.md), then its evaluation.
 # Each stage continues from the previous one's weights; intermediate checkpoints go to runs/.
 # One thread per run: on a shared 2-core machine that is faster than two (see train_tiny_hart.py).
-# Wall time of the whole chain: about 5.5 hours on one thread (the table in assets/demo/README.md has
+# Wall time of the whole chain: about 6 hours on one thread (the table in assets/demo/README.md has
 # each stage's time; run 5 takes ~1 h alone, run 8 ~70 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
