@@ -24,6 +24,7 @@ TOP_K_EARLY, TOP_K_LATE, TOP_K_SWITCH_STAGE = 600, 300, 7
 # llm/generation_config.json (``guidance_scale``: the name and file transformers' GenerationConfig
 # uses); every command, export and runtime falls back to this one without it.
 HART_DEFAULT_CFG = 4.5
+MAX_CFG = 50.0  # the largest guidance any command, checkpoint or runtime accepts
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from hartkit.errors import CheckpointError
-from hartkit.loop.plan import HART_DEFAULT_CFG
+from hartkit.loop.plan import HART_DEFAULT_CFG, MAX_CFG
 from hartkit.model.config import HARTConfig, VAEConfig
 
 LLM_WEIGHT_NAMES = ("ema_model.bin", "model.safetensors", "pytorch_model.bin")
@@ -257,8 +257,8 @@ def read_default_cfg(llm_dir: Path) -> float:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
     value = data.get("guidance_scale", HART_DEFAULT_CFG)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 50.0):  # MAX_CFG
-        raise CheckpointError(f"{path}: 'guidance_scale' must be a number in [0, 50], found {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= MAX_CFG):
+        raise CheckpointError(f"{path}: 'guidance_scale' must be a number in [0, {MAX_CFG:g}], found {value!r}")
     return float(value)
 
 

@@ -24,13 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from hartkit.errors import UsageError
-from hartkit.loop.plan import Stage, stage_plan
+from hartkit.loop.plan import MAX_CFG, Stage, stage_plan
 from hartkit.loop.rng import PortableRNG, draw_plan, iter_draws
 from hartkit.loop.rope import context_positions, rope_cos_sin_1d, rope_cos_sin_2d, stage_positions
 from hartkit.model.checkpoint import HART
 from hartkit.model.vae import next_autoregressive_input
-
-MAX_CFG = 50.0
 
 
 @dataclass

@@ -17,7 +17,7 @@ import numpy as np
 
 from hartkit.errors import HartkitError, UsageError
 from hartkit.loop.plan import stage_plan
-from hartkit.loop.plan import HART_DEFAULT_CFG
+from hartkit.loop.plan import HART_DEFAULT_CFG, MAX_CFG
 from hartkit.loop.prompt import PromptTokenizer
 from hartkit.loop.rng import PortableRNG, draw_plan, iter_draws
 from hartkit.loop.rope import context_positions, rope_cos_sin_1d, rope_cos_sin_2d, stage_positions
@@ -27,7 +27,6 @@ from hartkit.runtime.sampling import cfg_mix, sample_stage
 EXPORT_INFO = "manifest.json"  # the bundle manifest (runtime/bundle.py)
 CONSTANTS = "constants.npz"
 TOKENIZER_DIR = "tokenizer"
-MAX_CFG = 50.0
 VAE_SCALE = 0.6  # upstream DiffLoss.sample multiplies the residual by vae_scale
 
 
