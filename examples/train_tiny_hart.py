@@ -111,6 +111,14 @@ class TrainConfig:
     depth: int = 0
     num_heads: int = 0
     text_layers: int = 0  # text model depth over the preset's (0 = the preset's)
+    # Where the tensors live ("cpu", "cuda", "cuda:1", ...). Data generation stays on the CPU; on an
+    # accelerator the in-loop sampling (diffusion timesteps/noise, the last scale's sampled tokens)
+    # draws from a generator of that device, so a run is reproducible per device, not across devices.
+    device: str = "cpu"
+    # > 0: the transformer phase's step count is chosen at the end of its warm-up from the measured
+    # speed so that the phase lasts about this long (ar_steps is then an upper bound). The schedule is
+    # a function of the step alone, so `--ar-steps N` with the recorded N replays the same run.
+    ar_seconds: float = 0.0
 
     @classmethod
     def smoke(cls, out: str) -> "TrainConfig":
@@ -213,19 +221,21 @@ class TextFeatures:
     ([system prompt; caption] in, the caption's positions out). Frozen: computed once; trainable:
     recomputed (with gradients) for every batch."""
 
-    def __init__(self, encoder: TextEncoder, captions: list[str], max_length: int, trainable: bool) -> None:
+    def __init__(self, encoder: TextEncoder, captions: list[str], max_length: int, trainable: bool,
+                 device: str = "cpu") -> None:
         batch = encoder.tokenizer.encode(captions, max_length)
         if batch.truncation_message():
             raise ValueError(batch.truncation_message())
         ids, attention = batch.text_model_inputs()
-        self.ids, self.attention = torch.from_numpy(ids), torch.from_numpy(attention)
-        self.mask = torch.from_numpy(batch.mask)
+        encoder.to(device)
+        self.ids, self.attention = torch.from_numpy(ids).to(device), torch.from_numpy(attention).to(device)
+        self.mask = torch.from_numpy(batch.mask).to(device)
         self.system_length = batch.system_length
         self.encoder, self.trainable = encoder, trainable
         encoder.requires_grad_(trainable)
         if not trainable:
             with torch.no_grad():
-                self.context = torch.cat([self._run(torch.arange(i, min(i + 512, len(captions))))
+                self.context = torch.cat([self._run(torch.arange(i, min(i + 512, len(captions)), device=device))
                                           for i in range(0, len(captions), 512)])
 
     def _run(self, rows: Tensor) -> Tensor:
@@ -233,6 +243,7 @@ class TextFeatures:
 
     def __call__(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """``(context [n, T, D], context_mask [n, T])`` of caption ids ``rows``."""
+        rows = rows.to(self.ids.device)
         return (self._run(rows) if self.trainable else self.context[rows]), self.mask[rows]
 
 
@@ -271,9 +282,10 @@ def quantize_for_training(vae, f: Tensor, beta: float) -> tuple[Tensor, Tensor, 
 def train_tokenizer(model: HART, pool: np.ndarray, cfg: TrainConfig, log: dict, init_codebook: bool = True) -> None:
     vae = model.vae.train()
     V = vae.quantize.vocab_size
+    dev = torch.device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    hits = torch.zeros(V)
+    hits = torch.zeros(V, device=dev)
     history = []
     if init_codebook:
         seed_codebook(vae, pool, cfg, gen)
@@ -281,12 +293,12 @@ def train_tokenizer(model: HART, pool: np.ndarray, cfg: TrainConfig, log: dict, 
     for step in pbar:
         set_lr(opt, lr_at(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup))
         batch = pool[torch.randint(len(pool), (cfg.vae_batch,), generator=gen).numpy()]
-        x = to_model_range(batch)
+        x = to_model_range(batch).to(dev)
         f = vae.encode(x)
         f_disc, vq_loss, idx_list, queries = quantize_for_training(vae, f, cfg.vq_beta)
         # Hybrid: half of the samples decode the continuous latent (f_disc + residual == f), half the
         # discrete-only one; both straight-through to the encoder.
-        discrete = (torch.arange(x.shape[0]) % 2 == 1).view(-1, 1, 1, 1)
+        discrete = (torch.arange(x.shape[0], device=dev) % 2 == 1).view(-1, 1, 1, 1)
         f_dec = torch.where(discrete, (f_disc.detach() - f.detach()) + f, f)
         rec = vae.decoder(vae.post_quant_conv(f_dec))
         # Shapes cover ~15 % of a scene; weighting their pixels up makes the decoder learn their
@@ -306,7 +318,8 @@ def train_tokenizer(model: HART, pool: np.ndarray, cfg: TrainConfig, log: dict, 
                 if len(dead):
                     q = torch.cat(queries)
                     pick = torch.randint(len(q), (len(dead),), generator=gen)
-                    vae.quantize.embedding.weight[dead] = q[pick] + 0.01 * torch.randn(len(dead), q.shape[1], generator=gen)
+                    noise = torch.randn(len(dead), q.shape[1], generator=gen).to(dev)
+                    vae.quantize.embedding.weight[dead] = q[pick.to(dev)] + 0.01 * noise
                 hits.zero_()
         if step % 20 == 0 or step == cfg.vae_steps - 1:
             rec_c = psnr(rec[~discrete.flatten()].detach(), x[~discrete.flatten()])
@@ -325,11 +338,12 @@ def train_tokenizer(model: HART, pool: np.ndarray, cfg: TrainConfig, log: dict, 
 def seed_codebook(vae, pool: np.ndarray, cfg: TrainConfig, gen: torch.Generator) -> None:
     """Data-dependent codebook init: random encoder outputs of every scale (plus a little noise)."""
     V = vae.quantize.vocab_size
-    first = to_model_range(pool[torch.randint(len(pool), (64,), generator=gen).numpy()])
+    dev = vae.quantize.embedding.weight.device
+    first = to_model_range(pool[torch.randint(len(pool), (64,), generator=gen).numpy()]).to(dev)
     _, _, _, queries = quantize_for_training(vae, vae.encode(first), cfg.vq_beta)
     q = torch.cat(queries)
-    vae.quantize.embedding.weight.copy_(q[torch.randint(len(q), (V,), generator=gen)]
-                                        + 0.01 * torch.randn(V, q.shape[1], generator=gen))
+    pick = torch.randint(len(q), (V,), generator=gen).to(dev)
+    vae.quantize.embedding.weight.copy_(q[pick] + 0.01 * torch.randn(V, q.shape[1], generator=gen).to(dev))
 
 
 @torch.no_grad()
@@ -340,7 +354,7 @@ def tokenize_pool(model: HART, pool: np.ndarray, cfg: TrainConfig) -> tuple[Tens
     idx_all, rest_all = [], []
     psnr_h, psnr_d = [], []
     for i in bar(range(0, len(pool), 128), cfg, desc="tokenizing", unit="batch"):
-        x = to_model_range(pool[i : i + 128])
+        x = to_model_range(pool[i : i + 128]).to(cfg.device)
         idx_list, f_hats, f_rest_last = vae.quantize_residual(vae.encode(x))
         idx_all.append(torch.cat(idx_list, dim=1))
         rest_all.append(f_rest_last)
@@ -375,10 +389,16 @@ class DiffusionTrainingLoss:
         self.min_log = t32(s.posterior_log_variance_clipped)
         self.max_log = t32(s.log_betas)
 
+    def to(self, device: str | torch.device) -> "DiffusionTrainingLoss":
+        for name, value in vars(self).items():
+            if isinstance(value, Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
     def __call__(self, net, x0: Tensor, z: Tensor, gen: torch.Generator) -> Tensor:
         """Mean loss over rows of ``x0 [N, C]`` (targets / vae_scale) with conditions ``z [N, D]``."""
-        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=gen, device=x0.device)
+        noise = torch.randn(x0.shape, generator=gen, device=x0.device)
         mse, vb = self.terms(net, x0, z, t, noise)
         return (mse + vb).mean()
 
@@ -487,7 +507,9 @@ def rope_tables(tr, positions: np.ndarray) -> tuple[Tensor, Tensor]:
         c, s = rope_cos_sin_2d(stage_positions(cfg.patch_nums, si, offsets), cfg.head_dim)
         cos_parts.append(c)
         sin_parts.append(s)
-    return torch.from_numpy(np.concatenate(cos_parts, 1)), torch.from_numpy(np.concatenate(sin_parts, 1))
+    dev = tr.lvl_1L.device
+    return (torch.from_numpy(np.concatenate(cos_parts, 1)).to(dev),
+            torch.from_numpy(np.concatenate(sin_parts, 1)).to(dev))
 
 
 def ar_losses(model: HART, context: Tensor, mask: Tensor, drop: Tensor, targets: Tensor, f_rest_last: Tensor,
@@ -502,8 +524,8 @@ def ar_losses(model: HART, context: Tensor, mask: Tensor, drop: Tensor, targets:
     uncond_mask = torch.zeros_like(mask)
     uncond_mask[:, 0] = True
     mask = torch.where(drop.view(B, 1), uncond_mask, mask)
-    positions = np.cumsum(mask.numpy(), axis=1, dtype=np.int64) - 1
-    positions[drop.numpy()] = 0
+    positions = np.cumsum(mask.cpu().numpy(), axis=1, dtype=np.int64) - 1
+    positions[drop.cpu().numpy()] = 0
 
     cond_BD = tr.context_embed(tr.context_norm(context))
     block_mods, head_mod = tr.modulations(cond_BD, mask)
@@ -524,7 +546,7 @@ def ar_losses(model: HART, context: Tensor, mask: Tensor, drop: Tensor, targets:
     ce_tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     ce = ce_tok.mean()
     if cfg.scale_weight:
-        w = torch.cat([torch.full((n,), float(n) ** -cfg.scale_weight) for n in split])
+        w = torch.cat([torch.full((n,), float(n) ** -cfg.scale_weight, device=ce_tok.device) for n in split])
         w = (w / w.mean()).repeat(B)
         ce_train = (ce_tok * w).mean()
     else:
@@ -563,21 +585,38 @@ def train_transformer(model: HART, cap_ids: Tensor, text: TextFeatures, targets:
                        "lr_scale": cfg.text_lr / cfg.ar_lr})
         params += list(text.encoder.parameters())
     opt = torch.optim.AdamW(groups, lr=cfg.ar_lr, betas=(0.9, 0.95))
-    diffusion = DiffusionTrainingLoss()
+    dev = torch.device(cfg.device)
+    diffusion = DiffusionTrainingLoss().to(dev)
+    # The batch draws stay on the CPU generator (the same rows on every device); in-loop sampling uses
+    # one on the device (a CPU generator cannot feed CUDA kernels). On the CPU both are one generator.
+    sample_gen = gen if dev.type == "cpu" else torch.Generator(device=dev).manual_seed(cfg.seed + 3)
     bias = block_causal_bias(tr)
     history = []
+    total = cfg.ar_steps
+    budget = StepBudget(cfg.ar_seconds, cfg.warmup) if cfg.ar_seconds > 0 else None
     pbar = bar(range(cfg.ar_steps), cfg, desc="transformer", unit="step")
+    step = -1
     for step in pbar:
-        set_lr(opt, lr_at(step, cfg.ar_steps, cfg.ar_lr, cfg.warmup))
+        if budget is not None and step == cfg.warmup:
+            total = budget.steps(step, cfg.ar_steps, dev)
+            pbar.total = total
+            log["ar_seconds_chosen_steps"] = total
+            log["ar_seconds_requested"] = cfg.ar_seconds
+        if step >= total:
+            break
+        set_lr(opt, lr_at(step, total, cfg.ar_lr, cfg.warmup))
+        if budget is not None:
+            budget.tick(step, dev)
         rows = torch.randint(len(targets), (cfg.ar_batch,), generator=gen)
         context, mask = text(cap_ids[rows])
-        drop = torch.rand(cfg.ar_batch, generator=gen) < tr.cfg.cond_drop_rate
-        out = ar_losses(model, context, mask, drop, targets[rows], f_rest_last[rows], diffusion, cfg, gen, bias)
+        drop = (torch.rand(cfg.ar_batch, generator=gen) < tr.cfg.cond_drop_rate).to(dev)
+        rows = rows.to(dev)
+        out = ar_losses(model, context, mask, drop, targets[rows], f_rest_last[rows], diffusion, cfg, sample_gen, bias)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        if step % 20 == 0 or step == cfg.ar_steps - 1:
+        if step % 20 == 0 or step == total - 1:
             rec = {k: float(v.detach()) for k, v in out.items()}
             history.append({"step": step, **rec})
             pbar.set_postfix(ce=f"{rec['ce']:.3f}", acc=f"{rec['acc']:.3f}", diff=f"{rec['diff']:.3f}")
@@ -586,6 +625,38 @@ def train_transformer(model: HART, cap_ids: Tensor, text: TextFeatures, targets:
     tr.eval()
     text.encoder.eval()
     log["transformer_history"] = history
+    log["transformer_steps_done"] = step + 1 if step < total else total
+
+
+class StepBudget:
+    """``--ar-seconds``: times the second half of the warm-up and turns the rest of the budget into a
+    step count at its end (the warm-up's rate does not depend on the total, so the chosen total fixes
+    the whole schedule)."""
+
+    def __init__(self, seconds: float, warmup: int) -> None:
+        if warmup < 4:
+            raise SystemExit("--ar-seconds needs a warm-up of at least 4 steps (--warmup) to time the steps")
+        self.seconds, self.warmup = seconds, warmup
+        self.start = time.time()
+        self.mark: tuple[int, float] | None = None
+
+    def tick(self, step: int, dev: torch.device) -> None:
+        if step == self.warmup // 2:  # the first steps include one-off costs (allocations, kernel loads)
+            self.mark = (step, self._now(dev))
+
+    def steps(self, step: int, cap: int, dev: torch.device) -> int:
+        """The total step count at ``step`` (end of warm-up), at most ``cap``."""
+        assert self.mark is not None
+        now = self._now(dev)
+        rate = (step - self.mark[0]) / max(now - self.mark[1], 1e-6)
+        left = self.seconds - (now - self.start)
+        return max(step + 1, min(cap, step + int(left * rate)))
+
+    @staticmethod
+    def _now(dev: torch.device) -> float:
+        if dev.type == "cuda":  # kernels run asynchronously: time what has finished
+            torch.cuda.synchronize(dev)
+        return time.time()
 
 
 # ----------------------------------------------------------------------------- main
@@ -637,6 +708,7 @@ def train(cfg: TrainConfig) -> Path:
 
         model.vae.load_state_dict(load_hart(cfg.tokenizer_from).vae.state_dict())
         log["tokenizer_from"] = str(cfg.tokenizer_from)
+    model.to(cfg.device)
     if cfg.vae_steps > 0:
         train_tokenizer(model, pool, cfg, log, init_codebook=not cfg.tokenizer_from)
     t = lap("tokenizer", t)
@@ -655,7 +727,8 @@ def train(cfg: TrainConfig) -> Path:
                             text_dir / "model.safetensors")
         encoder = TextEncoder.from_pretrained(text_dir)
         distinct = sorted(set(captions))
-        text = TextFeatures(encoder, distinct, spec.hart.context_token, trainable=cfg.text_lr > 0)
+        text = TextFeatures(encoder, distinct, spec.hart.context_token, trainable=cfg.text_lr > 0,
+                            device=cfg.device)
         index = {c: i for i, c in enumerate(distinct)}
         cap_ids = torch.tensor([index[c] for c in captions])
         t = lap("text_features", t)
@@ -663,12 +736,16 @@ def train(cfg: TrainConfig) -> Path:
         if not cfg.tokenizer_only:
             train_transformer(model, cap_ids, text, targets, f_rest_last, cfg, log)
             t = lap("transformer", t)
+            if "ar_seconds_chosen_steps" in log:  # record the replayable run: its step count, no budget
+                cfg = replace(cfg, ar_steps=log["ar_seconds_chosen_steps"], ar_seconds=0.0)
+                log["config"].update(ar_steps=cfg.ar_steps, ar_seconds=0.0)
             if text.trainable:
                 from safetensors.torch import save_file
 
-                save_file({k: v.detach().contiguous() for k, v in encoder.state_dict().items()},
+                save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
                           str(text_dir / "model.safetensors"), metadata={"format": "pt"})
-        model.eval()
+        model.eval().to("cpu")
+        encoder.cpu()
         save_hart(model, tmp)
         log["timings_s"]["total"] = round(time.time() - t_start, 1)
         log["num_parameters"] = {
@@ -678,6 +755,8 @@ def train(cfg: TrainConfig) -> Path:
             "text_model": sum(p.numel() for p in encoder.parameters()),
         }
         log["torch_version"] = torch.__version__
+        log["device"] = (torch.cuda.get_device_name(torch.device(cfg.device))
+                         if torch.device(cfg.device).type == "cuda" else cfg.device)
         log["stages"] = previous_stages(cfg)  # the runs this one continued from
         (tmp / "training.json").write_text(json.dumps(log, indent=1) + "\n")
         (tmp / "README.md").write_text(model_card(cfg, spec, log))
@@ -719,7 +798,9 @@ def _stage_row(index: int, log: dict) -> str:
     text = f", text model {c['text_lr']:g}" if c.get("text_lr") else ""
     weight = f", scale weight {c['scale_weight']:g}" if c.get("scale_weight") else ""
     tr = f"{ar} x {c['ar_batch']} ({c['ar_lr']:g}{text}{weight})" if ar else "-"
-    return (f"| {index} | {tok} | {tr} | {c['num_images']} (seed {c.get('seed', 0)}) | {c['threads']} |"
+    where = log.get("device", "cpu")
+    where = f"{c['threads']}" if where == "cpu" else f"{where} ({c['threads']} CPU threads)"
+    return (f"| {index} | {tok} | {tr} | {c['num_images']} (seed {c.get('seed', 0)}) | {where} |"
             f" {log['timings_s'].get('total', 0) / 60:.1f} min |")
 
 
@@ -741,6 +822,8 @@ def model_card(cfg: TrainConfig, spec: Preset, log: dict) -> str:
     # HART keeps its text encoder frozen; the demo model may train its tiny one jointly (--text-lr).
     joint = any(stage["config"].get("text_lr") for stage in stages + [log])
     text_state = "trained jointly with the transformer" if joint else "frozen, random weights"
+    devices = {stage.get("device", "cpu") for stage in stages + [log]}
+    trained_on = "on CPU" if devices == {"cpu"} else "on CPU and GPU" if "cpu" in devices else "on a GPU"
     if stages:
         intro = (f"This folder is the last of {len(stages) + 1} chained runs (each continues from the previous"
                  " one's weights; `training.json` keeps every stage's settings and losses under \"stages\").")
@@ -751,7 +834,7 @@ def model_card(cfg: TrainConfig, spec: Preset, log: dict) -> str:
     return "\n".join([
         f"# hartkit demo model ({cfg.preset} preset)",
         "",
-        "A tiny HART trained from scratch on CPU on the procedural scenes of `hartkit.validate.scenes`",
+        f"A tiny HART trained from scratch {trained_on} on the procedural scenes of `hartkit.validate.scenes`",
         f"({log['image_size']}x{log['image_size']} px: one or two coloured circles, squares or triangles on a coloured",
         "background, e.g. \"a red circle above a blue square on a yellow background\"). It is the built-in",
         "default of `hartkit demo`, and a real (learned, not random) model for the export and quantization",
@@ -778,9 +861,9 @@ def model_card(cfg: TrainConfig, spec: Preset, log: dict) -> str:
         f"| text model | Qwen2, hidden {spec.text.get('hidden_size')}, {spec.text.get('num_layers')} layers ({text_state}) |"
         f" {n['text_model']:,} |",
         "",
-        "Training runs (CPU; wall times on a 2-core machine shared with other jobs):",
+        "Training runs (wall times; CPU runs on a 2-core machine shared with other jobs):",
         "",
-        "| run | tokenizer steps x batch (lr, shape-pixel weight) | transformer steps x batch (lr, text model lr, scale weight w: token CE weight n_s^-w) | images | threads | wall time |",
+        "| run | tokenizer steps x batch (lr, shape-pixel weight) | transformer steps x batch (lr, text model lr, scale weight w: token CE weight n_s^-w) | images | threads (CPU) or device | wall time |",
         "|---|---|---|---|---|---|",
         *[_stage_row(i + 1, stage) for i, stage in enumerate(stages + [log])],
         "",
@@ -804,8 +887,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     for name in ("seed", "threads", "num_images", "vae_steps", "vae_batch", "ar_steps", "ar_batch", "warmup",
                  "restart_every", "embed_dim", "depth", "num_heads", "text_layers"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
-    for name in ("vae_lr", "ar_lr", "fg_weight", "text_lr", "scale_weight", "two_shape_prob"):
+    for name in ("vae_lr", "ar_lr", "fg_weight", "text_lr", "scale_weight", "two_shape_prob", "ar_seconds"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
+    p.add_argument("--device", default=None, help="where to train: cpu (default), cuda, cuda:N")
     p.add_argument("--preset", default=None)
     p.add_argument("--tokenizer-only", action="store_true", help="stop after training the tokenizer")
     p.add_argument("--transformer-from", default=None, metavar="DIR",

@@ -213,9 +213,10 @@ class HART:
         self.vae.eval()
         return self
 
-    def to(self, dtype: torch.dtype) -> "HART":
-        self.transformer.to(dtype)
-        self.vae.to(dtype)
+    def to(self, dtype_or_device: torch.dtype | torch.device | str) -> "HART":
+        """Both modules to a dtype or a device (as ``nn.Module.to``)."""
+        self.transformer.to(dtype_or_device)
+        self.vae.to(dtype_or_device)
         return self
 
 
