@@ -2,8 +2,8 @@
 # The exact sequence of runs that produced assets/demo (see assets/demo/README.md), then its evaluation.
 # Each stage continues from the previous one's weights; intermediate checkpoints go to runs/.
 # One thread per run: on a shared 2-core machine that is faster than two (see train_tiny_hart.py).
-# Wall time of the whole chain: about 6 hours on one thread (the table in assets/demo/README.md has
-# each stage's time; run 5 takes ~1 h alone, run 8 ~70 min).
+# Wall time: the tokenizer runs 1-4 about 80 min on one CPU thread, the transformer runs 5-6 11 min on
+# one GPU, run 7 about an hour on one CPU thread (assets/demo/README.md has each run's time and device).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T="python examples/train_tiny_hart.py --threads 1"
@@ -13,22 +13,22 @@ $T --tokenizer-only --out runs/tok1 --vae-steps 1000 --fg-weight 0
 $T --tokenizer-only --out runs/tok2 --tokenizer-from runs/tok1 --vae-steps 1500 --vae-lr 1e-3 --warmup 20 --fg-weight 0
 $T --tokenizer-only --out runs/tok3 --tokenizer-from runs/tok2 --vae-steps 1500 --vae-lr 1e-3 --warmup 20 --restart-every 0
 $T --tokenizer-only --out runs/tok4 --tokenizer-from runs/tok3 --vae-steps 1500 --vae-lr 1e-3 --warmup 20 --restart-every 0
-# 5-6: the AR transformer and the residual diffusion head from scratch, with the 4-layer text model
-#    trained jointly (HART keeps its text encoder frozen; a tiny random one did not bind colours and
-#    shapes to objects) and the coarse scales' tokens up-weighted; then a second run at half the rate.
-$T --out runs/ar1 --tokenizer-from runs/tok4 --vae-steps 0 --num-images 12000 --two-shape-prob 0.7 \
-   --ar-steps 8000 --text-layers 4 --text-lr 3e-3 --scale-weight 0.5
-$T --out runs/ar2 --tokenizer-from runs/tok4 --transformer-from runs/ar1 --vae-steps 0 --num-images 12000 \
-   --two-shape-prob 0.7 --ar-steps 4500 --ar-lr 1e-3 --text-layers 4 --text-lr 1.5e-3 --scale-weight 0.5
-# 7: 3000 more steps at 7e-4.
-$T --out runs/ar3 --tokenizer-from runs/ar2 --transformer-from runs/ar2 --vae-steps 0 --num-images 12000 \
-   --two-shape-prob 0.7 --ar-steps 3000 --ar-lr 7e-4 --text-layers 4 --text-lr 1e-3 --scale-weight 0.5
-# 8-9: fresh images each run (--seed), every token weighted alike again (upstream's loss: the fine
-#    scales, where the shapes are painted, hold most tokens), at 1e-3 then 5e-4.
-$T --out runs/ar4 --tokenizer-from runs/ar3 --transformer-from runs/ar3 --vae-steps 0 --num-images 16000 \
-   --two-shape-prob 0.7 --ar-steps 8000 --ar-lr 1e-3 --text-layers 4 --text-lr 1e-3 --seed 1
-$T --out assets/demo --tokenizer-from runs/ar4 --transformer-from runs/ar4 --vae-steps 0 --num-images 16000 \
-   --two-shape-prob 0.7 --ar-steps 5000 --ar-lr 5e-4 --text-layers 4 --text-lr 5e-4 --seed 2
+# 5-6: the AR transformer (the demo preset: 6 blocks of width 128) and the residual diffusion head
+#    from scratch, with the 4-layer text model trained jointly (HART keeps its text encoder frozen; a
+#    tiny random one did not bind colours and shapes to objects), on 40000 fresh images, batch 256,
+#    every token weighted alike (upstream's loss). These two ran on one GPU (an H100, three other runs
+#    beside them: 6.9 + 4.2 min). Their step counts are what `--ar-seconds 330` / `--ar-seconds 170`
+#    chose from the measured speed; fixed here, they replay the same schedule. Without a GPU, set
+#    DEVICE=cpu: about 2 s per 64 images on one CPU thread, i.e. some 6-7 h for the two.
+G="python examples/train_tiny_hart.py --threads 2 --device ${DEVICE:-cuda}"
+$G --out runs/ar1 --tokenizer-from runs/tok4 --vae-steps 0 --num-images 40000 --two-shape-prob 0.7 --seed 5 \
+   --ar-steps 1646 --ar-batch 256 --warmup 200 --ar-lr 2e-3 --text-lr 2e-3
+$G --out runs/ar2 --tokenizer-from runs/ar1 --transformer-from runs/ar1 --vae-steps 0 --num-images 40000 \
+   --two-shape-prob 0.7 --seed 6 --ar-steps 1377 --ar-batch 256 --ar-lr 1e-3 --text-lr 1e-3
+# 7: one more hour on one CPU thread, fresh images, batch 64 at 4e-4 (the step count is what
+#    `--ar-seconds 3600` chose, replayed here).
+$T --out assets/demo --tokenizer-from runs/ar2 --transformer-from runs/ar2 --vae-steps 0 --num-images 16000 \
+   --two-shape-prob 0.7 --seed 7 --ar-steps 1893 --ar-batch 64 --warmup 60 --ar-lr 4e-4 --text-lr 4e-4
 
 # The guidance scale the model runs at by default (chosen on training prompts, written to
 # assets/demo/llm/generation_config.json), then the held-out numbers of assets/demo/README.md.

@@ -46,12 +46,15 @@ def _tiny() -> Preset:
 
 
 def _demo() -> Preset:
-    """The shipped demo model (assets/demo), trained on CPU by examples/train_tiny_hart.py on the
-    procedural scenes of hartkit.validate.scenes: 64x64 px, an 8x8 latent, ~2.7 M parameters. Sized
-    for a busy 2-core CPU; the captions have at most 14 tokens, hence 16 context tokens."""
+    """The shipped demo model (assets/demo), trained by examples/train_tiny_hart.py on the procedural
+    scenes of hartkit.validate.scenes: 64x64 px, an 8x8 latent, ~4.3 M parameters (AR transformer
+    2.3 M, diffusion head 0.27 M, tokenizer 1.5 M, text model 0.18 M). 6 blocks of width 128: trained
+    side by side from scratch for the same 7 minutes on one GPU, the earlier 4 blocks of width 96
+    drew 34 % of their captions right, this shape 71 %. The captions have at most 14 tokens, hence
+    16 context tokens."""
     patch_nums = (1, 2, 3, 4, 6, 8)
     hart = HARTConfig(
-        context_token=16, context_dim=64, depth=4, embed_dim=96, num_heads=4, mlp_ratio=4.0,
+        context_token=16, context_dim=64, depth=6, embed_dim=128, num_heads=4, mlp_ratio=4.0,
         patch_nums=patch_nums, attn_type="llama", mlp_type="llama", sep_aln_pooling_mode="max",
         diff_width=128, diff_depth=2, num_sampling_steps="8", cond_drop_rate=0.1, diffusion_batch_mul=2,
     )
@@ -59,7 +62,7 @@ def _demo() -> Preset:
         vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 1, 2, 2), v_patch_nums=patch_nums,
         quantizer_type="var_hybrid", share_quant_resi=4, quant_resi=0.5,
     )
-    return Preset("demo", "the shipped demo shape: 4 blocks of width 96, 6 scales, 64x64 px", hart, vae,
+    return Preset("demo", "the shipped demo shape: 6 blocks of width 128, 6 scales, 64x64 px", hart, vae,
                   {"hidden_size": 64, "num_layers": 4, "vocab_size": 512})
 
 

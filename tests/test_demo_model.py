@@ -59,7 +59,7 @@ def test_shipped_checkpoint_is_the_demo_preset_in_the_official_layout(demo):
     for part in ("llm", "tokenizer", "text_model"):
         assert (DEMO / part / "config.json").is_file() and (DEMO / part / "model.safetensors").is_file()
     total = sum(f.stat().st_size for f in DEMO.rglob("*") if f.is_file())
-    assert total < 15e6, f"assets/demo is {total / 1e6:.1f} MB"
+    assert total < 20e6, f"assets/demo is {total / 1e6:.1f} MB"
     assert "examples/reproduce_demo.sh" in (DEMO / "README.md").read_text()
     assert (ROOT / "examples" / "reproduce_demo.sh").is_file()
     # the guidance it runs at by default was chosen by eval_demo_model.py --choose-cfg (README: how)
@@ -69,7 +69,7 @@ def test_shipped_checkpoint_is_the_demo_preset_in_the_official_layout(demo):
 
 def test_shipped_model_draws_its_captions(demo):
     """Held-out prompts (never trained on), fixed seed, judged from the pixels. The bars sit well under
-    what the model measures (8 of 9 one-shape and 7 of 8 two-shape captions right here; 75 % on 100
+    what the model measures (5 of 9 one-shape and 8 of 8 two-shape captions right here; 83 % on 100
     held-out prompts, assets/demo/README.md) and far above chance (a whole caption 0.3 %, a
     background 17 %)."""
     model, encoder = demo
@@ -83,7 +83,9 @@ def test_shipped_model_draws_its_captions(demo):
     assert images.shape == (17, 64, 64, 3) and images.dtype == np.uint8
     one = caption_score.evaluate(images[:9], singles)
     two = caption_score.evaluate(images[9:], doubles)
-    assert one.accuracy >= 5 / 9, one.summary()  # by chance: P(>= 5 of 9) < 1e-10
+    right = round(one.accuracy * 9) + round(two.accuracy * 8)
+    assert right >= 10, (one.summary(), two.summary())  # of 17; by chance P(>= 10 of 17) < 1e-20
+    assert one.accuracy >= 4 / 9, one.summary()  # by chance: P(>= 4 of 9) < 1e-7
     assert two.accuracy >= 4 / 8, two.summary()  # whole two-shape captions, relation included
     assert two.per_attribute["background"] >= 6 / 8, two.summary()
     again, _ = generate_from_prompts(model, encoder, singles[:2], seed=0, options=SamplerOptions(cfg=4.5))
@@ -92,16 +94,22 @@ def test_shipped_model_draws_its_captions(demo):
 
 
 def test_teacher_forcing_separates_reading_from_painting(demo):
-    """eval_demo_model --teacher-stages: with every stage forced to a rendered scene's tokens, only the
-    tokenizer and the diffusion head remain (91 % on 100 prompts), above the free-running model (75 %)."""
+    """eval_demo_model --teacher-stages forces the first K stages to a rendered scene's tokens. Told
+    other captions than the scenes it is forced to, the model draws what it is told when no stage is
+    forced and the forced scenes when every stage is (10 of 15 here: the diffusion head, the only part
+    left to the model then, still hears the wrong caption; with the right one, 94 % on 100
+    prompts, assets/demo/README.md). Chance for a whole caption: 0.3 %."""
     model, encoder = demo
     evaluator = _load_script("eval_demo_model")
-    prompts = scenes.heldout_prompts(100)[9::6][:15]  # two-shape captions
-    forced = evaluator.teacher_forced(model, encoder, prompts, [0, len(model.cfg.patch_nums)], seed=0,
-                                      cfg=model.default_cfg, batch=15)
-    free, full = forced.values()
-    assert full.accuracy >= 0.8, full.summary()
-    assert full.accuracy >= free.accuracy + 2 / 15, (free.summary(), full.summary())
+    scenes_drawn = scenes.heldout_prompts(100)[9::6][:15]  # two-shape captions
+    told = scenes_drawn[1:] + scenes_drawn[:1]  # every prompt names another scene
+    tokens = evaluator.scene_tokens(model, scenes_drawn, 0)
+    stages = len(model.cfg.patch_nums)
+    free, forced = (evaluator.generate_all(model, encoder, told, seed=0, cfg=model.default_cfg, batch=15,
+                                           forced=tokens[:k]) for k in (0, stages))
+    assert evaluator.evaluate(free, told).accuracy >= 0.6  # it reads its prompts
+    assert evaluator.evaluate(free, scenes_drawn).accuracy <= 1 / 15
+    assert evaluator.evaluate(forced, scenes_drawn).accuracy >= 0.6  # and paints the forced tokens
 
 
 # ----------------------------------------------------------------------------- training pieces
@@ -228,6 +236,38 @@ def test_training_smoke_run_writes_a_loadable_checkpoint(train_script, tmp_path)
     assert set(result["cfg_sweep_training_prompts"]) == {"0", "4.5"} and result["cfg"] in (0.0, 4.5)
     assert load_hart(out).default_cfg == result["cfg"]
     assert "chosen on 4 *training* prompts" in (out / "README.md").read_text()
+
+
+def test_time_budget_records_a_replayable_step_count(train_script, tmp_path):
+    """--ar-seconds picks the transformer's step count at the end of the warm-up from the measured speed;
+    training.json then holds that count as ar_steps (no budget), so the same command with --ar-steps
+    replays the schedule; parse_args takes --device and --ar-seconds."""
+    cfg = train_script.parse_args(["--smoke", "--out", str(tmp_path / "ckpt"), "--ar-seconds", "1",
+                                   "--ar-steps", "100000", "--warmup", "6", "--vae-steps", "1", "--device", "cpu"])
+    assert (cfg.ar_seconds, cfg.device, cfg.ar_steps) == (1.0, "cpu", 100000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = train_script.train(cfg)
+    log = json.loads((out / "training.json").read_text())
+    chosen = log["ar_seconds_chosen_steps"]
+    assert 6 < chosen < 100000 and log["ar_seconds_requested"] == 1.0
+    assert log["config"]["ar_steps"] == chosen == log["transformer_steps_done"]
+    assert log["config"]["ar_seconds"] == 0.0 and log["device"] == "cpu"
+    assert log["transformer_history"][-1]["step"] == chosen - 1
+
+
+def test_step_budget_turns_the_measured_rate_into_steps(train_script, monkeypatch):
+    cpu = torch.device("cpu")
+    for cap, expected in ((1000, 40), (20, 20)):
+        clock = iter([100.0, 101.0, 102.0])  # start, mark at warm-up/2, end of warm-up
+        monkeypatch.setattr(train_script.time, "time", lambda: next(clock))
+        budget = train_script.StepBudget(10.0, warmup=8)
+        budget.tick(3, cpu)  # not the mark
+        budget.tick(4, cpu)
+        # 4 steps in 1 s, 8 s left -> 32 more steps after step 8, unless the cap (--ar-steps) is lower
+        assert budget.steps(8, cap, cpu) == expected
+    with pytest.raises(SystemExit, match="--warmup"):
+        train_script.StepBudget(10.0, warmup=2)
 
 
 def test_training_shape_overrides_reach_the_checkpoint(train_script, tmp_path):
