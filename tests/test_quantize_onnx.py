@@ -316,3 +316,17 @@ def test_static_calibration_equals_onnxruntimes_own(base, cells):
     assert len(stored) == len(mine) == 8  # 2 layers x (qkv input, o, gate/up input, down)
     for (s1, z1), (s2, z2) in zip(stored, mine):
         assert z1 == z2 and abs(s1 - s2) <= 1e-6 * s1
+
+
+def test_relative_bar_asks_for_the_same_computation_and_no_more_noise():
+    """The bar for activation-quantized graphs (quantize/apply.py): the export at least as close to the
+    eager reference as that is to fp32 (the same computation), and no more than 1.5 dB farther from
+    fp32 than the eager reference (its own draw of the rounding noise)."""
+    from hartkit.quantize.apply import relative_ok
+
+    q = 34.81  # eager reference vs fp32 (the demo model's ExecuTorch int8 ar_stage, 16 tokens)
+    assert relative_ok(37.46, 33.78, q)  # as measured there: 1.03 dB noisier than the eager reference
+    assert not relative_ok(37.46, q - 1.6, q)  # noisier than that
+    assert not relative_ok(q - 1.0, q, q)  # farther from the eager reference than it is from fp32
+    assert not relative_ok(14.0, 60.0, 10.0)  # the 15 dB floor
+    assert relative_ok(60.0, 58.5, 80.0) and not relative_ok(59.9, 58.5, 80.0)  # capped at 60 dB
