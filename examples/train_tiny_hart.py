@@ -222,15 +222,14 @@ def write_text_model(out: Path, spec: Preset, seed: int) -> Path:
 class TextFeatures:
     """Context features of the distinct training captions, laid out as ``TextEncoder.encode`` does
     ([system prompt; caption] in, the caption's positions out). Frozen: computed once; trainable:
-    recomputed (with gradients) for every batch."""
+    recomputed (with gradients) for every batch. The tensors live where the encoder's weights do."""
 
-    def __init__(self, encoder: TextEncoder, captions: list[str], max_length: int, trainable: bool,
-                 device: str = "cpu") -> None:
+    def __init__(self, encoder: TextEncoder, captions: list[str], max_length: int, trainable: bool) -> None:
         batch = encoder.tokenizer.encode(captions, max_length)
         if batch.truncation_message():
             raise ValueError(batch.truncation_message())
         ids, attention = batch.text_model_inputs()
-        encoder.to(device)
+        device = next(encoder.parameters()).device
         self.ids, self.attention = torch.from_numpy(ids).to(device), torch.from_numpy(attention).to(device)
         self.mask = torch.from_numpy(batch.mask).to(device)
         self.system_length = batch.system_length
@@ -728,10 +727,9 @@ def train(cfg: TrainConfig) -> Path:
         if cfg.transformer_from:  # the text model that transformer was trained with (maybe fine-tuned)
             shutil.copyfile(Path(cfg.transformer_from) / "text_model" / "model.safetensors",
                             text_dir / "model.safetensors")
-        encoder = TextEncoder.from_pretrained(text_dir)
+        encoder = TextEncoder.from_pretrained(text_dir).to(cfg.device)
         distinct = sorted(set(captions))
-        text = TextFeatures(encoder, distinct, spec.hart.context_token, trainable=cfg.text_lr > 0,
-                            device=cfg.device)
+        text = TextFeatures(encoder, distinct, spec.hart.context_token, trainable=cfg.text_lr > 0)
         index = {c: i for i, c in enumerate(distinct)}
         cap_ids = torch.tensor([index[c] for c in captions])
         t = lap("text_features", t)
@@ -742,13 +740,13 @@ def train(cfg: TrainConfig) -> Path:
             if "ar_seconds_chosen_steps" in log:  # record the replayable run: its step count, no budget
                 cfg = replace(cfg, ar_steps=log["ar_seconds_chosen_steps"], ar_seconds=0.0)
                 log["config"].update(ar_steps=cfg.ar_steps, ar_seconds=0.0)
-            if text.trainable:
-                from safetensors.torch import save_file
-
-                save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
-                          str(text_dir / "model.safetensors"), metadata={"format": "pt"})
         model.eval().to("cpu")
         encoder.cpu()
+        if text.trainable and not cfg.tokenizer_only:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous() for k, v in encoder.state_dict().items()},
+                      str(text_dir / "model.safetensors"), metadata={"format": "pt"})
         save_hart(model, tmp)
         log["timings_s"]["total"] = round(time.time() - t_start, 1)
         log["num_parameters"] = {
