@@ -76,6 +76,8 @@ def _text_model_dir(checkpoint: Path, text_model: str | None) -> Path:
     default = checkpoint / "text_model"
     if default.is_dir():
         return default
+    if not checkpoint.is_dir():
+        raise UsageError(f"{checkpoint}: checkpoint folder not found")
     raise UsageError(f"{checkpoint}: no text_model/ folder inside; pass --text-model DIR (a Qwen2 model folder)")
 
 
@@ -107,13 +109,29 @@ def _generate_images(checkpoint: Path, text_model: Path, prompts: list[str], see
     return images
 
 
+def _image_paths(out: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(count)]
+
+
+def _check_generate_inputs(args: argparse.Namespace) -> None:
+    """Refuse, before loading anything, prompts that are not text and outputs that cannot be written."""
+    from hartkit.fsutil import check_output_file
+    from hartkit.loop.prompt import check_prompts
+
+    check_prompts(args.prompt)
+    if not args.out:
+        raise UsageError("--out is empty; give an image path (e.g. --out image.png)")
+    check_output_file(args.out)
+    for path in _image_paths(Path(args.out), len(args.prompt)):
+        check_output_file(path)
+
+
 def _save_images(images, out: Path) -> list[Path]:
     from hartkit.runtime.images import save_png
 
-    if len(images) == 1:
-        paths = [out]
-    else:
-        paths = [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(len(images))]
+    paths = _image_paths(out, len(images))
     for image, path in zip(images, paths):
         save_png(image, path)
     return paths
@@ -125,6 +143,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.exported and args.resolution is not None:
         raise UsageError("--resolution applies to --checkpoint; an export has its resolution fixed "
                          "(export it with `hartkit export --resolution PX`)")
+    _check_generate_inputs(args)
     if args.exported:
         images = _generate_exported(Path(args.exported), args.backend, _graph_backends(args.graph_backend),
                                     args.prompt, args.seed, args.cfg, not args.no_smooth, args.top_p)
@@ -220,6 +239,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("give --bundle DIR (one or more) and/or --recipes R1,R2 --work DIR (exports them first)")
     bar = tqdm(desc="bench", unit="step", file=sys.stderr, bar_format="{desc}: {n_fmt} steps [{elapsed}] {postfix}")
 
+    if args.out:
+        from hartkit.fsutil import check_output_dir
+
+        check_output_dir(args.out)  # before the minutes of measuring
     def step(message: str) -> None:
         bar.set_postfix_str(message)
         bar.update(1)
@@ -289,7 +312,11 @@ def demo_checkpoint() -> Path:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    out_dir = Path(args.out)
+    from hartkit.fsutil import check_output_dir
+    from hartkit.loop.prompt import check_prompts
+
+    check_prompts([args.prompt])
+    out_dir = check_output_dir(args.out)  # before the work: a file or a read-only place fails now
     checkpoint = demo_checkpoint()
     if not (checkpoint / "llm" / "config.json").is_file():
         # Only a broken install lacks the asset; still show the pipeline running, and say so.
@@ -385,6 +412,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     T.resolve(overrides)  # refuse a typo before the minutes of work
     prompts = read_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
     seeds = parse_seeds(args.seeds)
+    from hartkit.fsutil import check_output_dir
+
+    check_output_dir(args.out)  # and an output folder that cannot be written
     bars: list = []  # the progress bar starts once the amount of work is known (after the checks)
     try:
         def on_total(total: int) -> None:
@@ -420,7 +450,8 @@ def _add_validate_parser(sub) -> None:
         description="Run each bundle (every format it holds, or --backend's) and the torch reference of the same "
                     "checkpoint on a fixed prompt x seed set; compare graphs on recorded inputs, stages "
                     "teacher-forced and free-running, the diffusion head's residual and the final images; write "
-                    "OUT/report.json and OUT/report.html. Exit 0 when every bundle clears every bar, 1 when not.",
+                    "OUT/report.json and OUT/report.html. Exit 0 when every bundle clears every bar, 3 when one "
+                    "misses a bar, 2 on a usage error.",
         epilog="thresholds (NAME, default, meaning):\n" + describe())
     p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle folder(s); several give a parity matrix")
     add_checkpoint_options(
@@ -573,13 +604,46 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
+# Third-party log lines that say nothing to a hartkit user, dropped by message (not by level, so
+# that their real errors still show): torchao's optional CUDA kernels that cannot load on a CPU
+# machine, and torch's pytree deprecation note about enums torchao registers.
+_NOISE = {
+    "torchao": ("Failed to load ",),
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
+}
+
+
+class _DropNoise:
+    def __init__(self, fragments: tuple[str, ...]) -> None:
+        self.fragments = fragments
+
+    def filter(self, record) -> bool:
+        try:
+            text = str(record.msg)
+        except Exception:  # a record we cannot read is kept
+            return True
+        return not any(f in text for f in self.fragments)
+
+
+def _quiet_third_party() -> None:
+    import logging
+
+    for name, fragments in _NOISE.items():
+        logger = logging.getLogger(name)  # the libraries log through these same objects once imported
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise(fragments))
+
+
         return 2
+    _quiet_third_party()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.formatwarning = lambda message, category, *_a, **_k: f"hartkit: warning: {message}\n"
     try:
         return int(args.func(args) or 0)
     except HartkitError as exc:
         print(f"hartkit {args.command}: error: {exc}", file=sys.stderr)
+    if hasattr(sys.stdout, "reconfigure"):  # a path from undecodable argv bytes prints, escaped, not as a traceback
+        sys.stdout.reconfigure(errors="backslashreplace")
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

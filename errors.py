@@ -17,3 +17,7 @@ class UsageError(HartkitError):
 
 class MissingDependencyError(HartkitError):
     """An optional library (onnxruntime, executorch, coremltools, ...) is needed but not installed."""
+
+
+class OutputError(HartkitError):
+    """An output cannot be written: read-only folder, disk full, a name too long, a path in use."""

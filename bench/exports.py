@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from hartkit.errors import HartkitError
+from hartkit.fsutil import write_text
 
 
 STATS = "exports.json"  # beside the bundles (not inside: the bundle's checksums stay the bundle's)
@@ -112,8 +113,6 @@ def prepare_bundles(checkpoint: str | Path, work: str | Path, recipes: Sequence[
             else:
                 bundles.append(out)
             stats[key] = row
-            tmp = stats_path.with_name(STATS + ".tmp")
-            tmp.write_text(json.dumps(stats, indent=2))
-            os.replace(tmp, stats_path)
+            write_text(stats_path, json.dumps(stats, indent=2))
             rows.append(row)
     return bundles, rows

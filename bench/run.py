@@ -471,13 +471,12 @@ def run_bench(checkpoint: str | Path, bundles: str | Path | Sequence[str | Path]
     def save() -> None:  # after every target: a long run that is stopped keeps what it measured
         if out is None:
             return
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
+        from hartkit.fsutil import make_dir, write_text
+
+        folder = make_dir(out)
         result.graphs = graph_rows(baseline, measured)
-        tmp = folder / "bench.json.tmp"
-        tmp.write_text(json.dumps(result.to_json(), indent=2))
-        os.replace(tmp, folder / "bench.json")
-        (folder / "bench.md").write_text(markdown_table(result))
+        write_text(folder / "bench.json", json.dumps(result.to_json(), indent=2))
+        write_text(folder / "bench.md", markdown_table(result))
 
     measured: dict[str, dict[str, float]] = {}
     for target in targets:
@@ -579,5 +578,8 @@ def _plot(result: BenchResult, path: Path) -> None:
         axes[1].set_xlabel("AR stage")
         axes[1].set_ylabel("% of measured fp32 GEMM peak")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from hartkit.fsutil import atomic_file
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)

@@ -88,22 +88,62 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
+def replaceable_export(out: Path) -> str | None:
+    """None when ``out`` holds a previous hartkit export and nothing else (what ``--force`` may
+    replace); otherwise why not."""
+    import os
+
+    from hartkit.runtime.bundle import read_manifest
+
+    if not (out / MANIFEST).is_file():
+        return f"it holds no {MANIFEST}"
+    try:
+        manifest = read_manifest(out)
+    except (HartkitError, OSError, ValueError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"its {MANIFEST} is not a hartkit manifest ({detail})"
+    listed = {a["path"] for a in manifest["artifacts"]} | {MANIFEST}
+    extra = []
+    for root, dirs, files in os.walk(out):  # links are not followed, and count as files
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            rel = Path(root, name).relative_to(out).as_posix()
+            if rel not in listed:
+                extra.append(rel)
+    if extra:
+        return f"it also holds files no export wrote ({', '.join(sorted(extra)[:5])})"
+    return None
+
+
 def check_target(out: Path, overwrite: bool) -> None:
-    """Refuse to clobber: another model's export, or a folder that is not an export at all."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UsageError(f"{out}: exists and is not a folder")
-    if not any(out.iterdir()):
-        return
-    if overwrite:
-        return
-    if (out / MANIFEST).is_file():
+    """Refuse to clobber. Without ``--force`` the target must be new or empty; with it, it may also be
+    a previous hartkit export (its manifest parses, nothing else inside). Never any other folder, nor
+    ``/``, the home folder, the current folder or one of its parents."""
+    from hartkit import fsutil
+
+    out = Path(out)
+    protected = fsutil.protected_reason(fsutil.absolute(out))
+    if not protected and not overwrite and out.is_dir() and (out / MANIFEST).is_file():
         raise UsageError(f"{out}: already holds an export (of another model or an older run); "
                          "choose another folder or pass --force to replace it")
-    raise UsageError(f"{out}: exists and is not empty; choose another folder")
+    fsutil.check_dir_target(out, overwrite, replaceable_export, what="a previous hartkit export", shown=out)
 
 
+def _hold_target_lock(export):
+    """Hold the target's lock for the whole export (:func:`hartkit.fsutil.target_lock`): a second export
+    of the same path fails at once naming the first, and a read-only parent fails before the work."""
+    import functools
+
+    @functools.wraps(export)
+    def locked(checkpoint, out, *args, **kwargs):
+        from hartkit.fsutil import target_lock
+
+        with target_lock(out, what="export"):
+            return export(checkpoint, out, *args, **kwargs)
+
+    return locked
+
+
+@_hold_target_lock
 def export_checkpoint(
     checkpoint: str | Path,
     out: str | Path,
@@ -118,7 +158,8 @@ def export_checkpoint(
     calibration: "str | Path | Sequence[str] | None" = None,
     resolution: int | None = None,
 ) -> ExportResult:
-    from hartkit.model.checkpoint import atomic_dir, load_hart
+    from hartkit.fsutil import atomic_dir
+    from hartkit.model.checkpoint import load_hart
     from hartkit.model.text_encoder import TextEncoder
     from hartkit.runtime.backends import TorchBackend, system_length_of
     from hartkit.runtime.pipeline import Pipeline
@@ -158,7 +199,8 @@ def export_checkpoint(
     # --- end quantization hook
 
     result = ExportResult(out, formats)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, replaceable=replaceable_export,
+                    what="a previous hartkit export") as tmp:
         _copy_tokenizer(text_dir, tmp / "tokenizer")
         np.savez(tmp / "constants.npz", codebook=torch_backend.codebook)
         files: dict[str, dict[str, str]] = {}

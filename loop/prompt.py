@@ -119,6 +119,20 @@ def _token_content(value: Any) -> str | None:
     raise CheckpointError(f"cannot read special token {value!r}")
 
 
+def check_prompts(prompts: list[str]) -> None:
+    """Refuse text the tokenizer cannot encode: lone surrogates, which is what Python makes of bytes
+    that are not UTF-8 (a prompt from a Latin-1 file or terminal arrives as ``"\\udcff"``)."""
+    for i, prompt in enumerate(prompts):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            char = ord(prompt[exc.start])
+            what = (f"the byte 0x{char - 0xDC00:02x}, which is not UTF-8" if 0xDC80 <= char <= 0xDCFF
+                    else f"a lone surrogate U+{char:04X}")
+            raise UsageError(f"prompt {i} is not valid text: character {exc.start} is {what}; "
+                             "give prompts as UTF-8 (check the terminal's or file's encoding)") from None
+
+
 class PromptTokenizer:
     """Tokenizes prompts exactly like ``AutoTokenizer.from_pretrained(dir)(prompt, padding="max_length",
     max_length=T, truncation=True)``, from the tokenizer files alone."""
@@ -218,6 +232,7 @@ class PromptTokenizer:
     ) -> PromptBatch:
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise UsageError("prompts must be a non-empty list of strings")
+        check_prompts(prompts)
         if max_length < 1:
             raise UsageError(f"max_length must be >= 1, got {max_length}")
 

@@ -19,8 +19,6 @@ import json
 import math
 import os
 import pickle
-import shutil
-import tempfile
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -60,15 +58,20 @@ def read_weight_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return _mmap_safetensors(path)
         except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from exc
+    zipped = _is_zip(path)
+    if not zipped and not _starts_like_a_pickle(path):
+        raise CheckpointError(f"{path}: not a PyTorch weight file (neither a zip archive nor a pickle; "
+                              "a text file or a download error page?)")
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path}: refused to load: the pickle holds objects other than tensors (it could run code); "
             f"convert it to safetensors with a trusted tool ({_first_line(exc)})"
         ) from exc
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch weight file (truncated or corrupt?): {_first_line(exc)}") from exc
+    except Exception as exc:  # the unpickler fails in many ways on damaged bytes (KeyError, IndexError, ...)
+        raise CheckpointError(f"{path}: not a readable PyTorch weight file (truncated or corrupt?): "
+                              f"{type(exc).__name__}: {_first_line(exc)}") from exc
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -124,6 +127,12 @@ def _is_zip(path: Path) -> bool:
     return zipfile.is_zipfile(path)
 
 
+def _starts_like_a_pickle(path: Path) -> bool:
+    """Pickles of protocol 2 and later (every torch.save since 2017) start with the PROTO opcode."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -137,12 +146,43 @@ def find_weights(folder: Path, names: tuple[str, ...]) -> list[Path]:
     for index_name in INDEX_NAMES:
         index = folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index}: not a valid shard index ({exc})") from exc
-            return [folder / shard for shard in sorted(set(weight_map.values()))]
+            return shard_files(index)
     raise CheckpointError(f"{folder}: no weights found (looked for {', '.join(names + INDEX_NAMES)})")
+
+
+def shard_files(index: Path) -> list[Path]:
+    """The shard files a ``*.index.json`` names, each a relative path inside the index's folder
+    (an absolute or ``../`` path would read a file outside the checkpoint)."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as exc:
+        raise CheckpointError(f"{index}: not a valid shard index ({_first_line(exc)})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: 'weight_map' must be a non-empty object (tensor name -> shard file), "
+                              f"found {type(weight_map).__name__}")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard.strip():
+            raise CheckpointError(f"{index}: weight_map[{key!r}] must be a shard file name, found {shard!r}")
+        if (PurePosixPath(shard).is_absolute() or ".." in PurePosixPath(shard).parts or "\\" in shard
+                or PureWindowsPath(shard).drive):
+            raise CheckpointError(f"{index}: weight_map[{key!r}] = {shard!r} is outside the checkpoint folder "
+                                  "(shard paths must be relative, inside it)")
+    files = [index.parent / shard for shard in sorted(set(weight_map.values()))]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: names shard file(s) that are missing: {_clip(missing)}")
+    return files
+
+
+def check_weights(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN (a corrupt or diverged checkpoint draws a black image), by name."""
+    bad = [f"{k} ({int(torch.isnan(v).sum())} of {v.numel()} values)" for k, v in state.items()
+           if v.is_floating_point() and v.numel() and bool(torch.isnan(v).any())]
+    if bad:
+        raise CheckpointError(f"{source}: weights hold NaN: {_clip(bad, 5)}; the checkpoint is corrupt")
 
 
 def read_weights(folder: Path, names: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], str]:
@@ -164,6 +204,10 @@ def strict_load(module: nn.Module, state: Mapping[str, torch.Tensor], source: st
         f"{k}: expected {tuple(expected[k].shape)}, found {tuple(state[k].shape)}"
         for k in sorted(set(expected) & set(state))
         if tuple(expected[k].shape) != tuple(state[k].shape)
+    ] + [
+        f"{k}: expected a {_kind(expected[k])} tensor, found {state[k].dtype}"
+        for k in sorted(set(expected) & set(state))
+        if expected[k].is_floating_point() != state[k].is_floating_point()
     ]
     if missing or unexpected or mismatched:
         parts = []
@@ -172,11 +216,15 @@ def strict_load(module: nn.Module, state: Mapping[str, torch.Tensor], source: st
         if unexpected:
             parts.append(f"unexpected keys ({len(unexpected)}): {_clip(unexpected)}")
         if mismatched:
-            parts.append(f"shape mismatches ({len(mismatched)}): {_clip(mismatched)}")
+            parts.append(f"shape or type mismatches ({len(mismatched)}): {_clip(mismatched)}")
         raise CheckpointError(f"{source}: weights do not match the config: " + "; ".join(parts))
     # Cast to each parameter's dtype (released weights may be fp16/bf16).
     cast = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
     module.load_state_dict(cast, strict=True, assign=assign)
+
+
+def _kind(t: torch.Tensor) -> str:
+    return "floating-point" if t.is_floating_point() else f"{t.dtype}"
 
 
 def _clip(items: list[str], limit: int = 12) -> str:
@@ -253,8 +301,8 @@ def read_default_cfg(llm_dir: Path) -> float:
         return HART_DEFAULT_CFG
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({_first_line(exc)})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
     value = data.get("guidance_scale", HART_DEFAULT_CFG)
@@ -295,6 +343,8 @@ def load_hart(root: str | os.PathLike, *, prefer_ema: bool = True, dtype: torch.
         llm_state.pop(key, None)
     vae_state, vae_src = read_weights(vae_dir, VAE_WEIGHT_NAMES)
     vae_state = _strip_vae_prefix(vae_state, vae_src)
+    check_weights(llm_state, llm_src)
+    check_weights(vae_state, vae_src)
 
     # Build on the meta device and assign the loaded tensors: no second copy of the weights.
     model = build_hart(cfg, vae_cfg, device="meta")
@@ -369,42 +419,39 @@ def _materialize_buffers(model: HART) -> None:
 # ----------------------------------------------------------------------------- writing
 
 
+def _replaceable_checkpoint(out: Path) -> str | None:
+    """``--force``/``overwrite`` replaces a checkpoint (``llm/config.json``), never an unrelated folder."""
+    if (out / "llm" / "config.json").is_file():
+        return None
+    return "it holds no llm/config.json (not a checkpoint)"
+
+
 @contextmanager
 def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp folder beside ``out``; rename it to ``out`` only if the block succeeds."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise CheckpointError(f"{out}: already exists and is not empty (choose another path or remove it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like any new folder
-    try:
+    """Yield a temp folder beside ``out``; rename it to ``out`` only if the block succeeds.
+
+    ``overwrite`` replaces an existing checkpoint only (see :func:`hartkit.fsutil.atomic_dir`)."""
+    from hartkit import fsutil
+
+    with fsutil.atomic_dir(out, overwrite=overwrite, replaceable=_replaceable_checkpoint,
+                           what="a previous checkpoint", error=CheckpointError) as tmp:
         yield tmp
-        for path in tmp.rglob("*"):  # some writers (safetensors, mkstemp) create 0600 files
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    from hartkit.fsutil import write_json as write
+
+    write(path, data, indent=2, sort_keys=True)
 
 
 def save_state_dict(state: Mapping[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
+    from hartkit.fsutil import atomic_file
+
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
 def save_hart(model: HART, root: Path) -> None:

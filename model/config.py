@@ -32,10 +32,47 @@ def _coerce(value: Any, default: Any) -> Any:
     return value
 
 
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{text[:60]}{'...' if len(text) > 60 else ''} ({type(value).__name__})"
+
+
+def _type_problem(value: Any, annotation: str, bounds: tuple[float, float] | None) -> str | None:
+    """What the value should be, when it is not that (None when it is). JSON gives int, float, bool,
+    str, None, list and dict; a bool is never a number here, a number never a bool."""
+    def number(v: Any, integer: bool) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        return isinstance(v, int) if integer else math.isfinite(v)
+
+    low, high = bounds if bounds else (None, None)
+    span = f" in [{low:g}, {high:g}]" if bounds else ""
+    if annotation == "int":
+        ok = number(value, True) and (not bounds or low <= value <= high)
+        return None if ok else f"a whole number{span}"
+    if annotation == "float":
+        ok = number(value, False) and (not bounds or low <= value <= high)
+        return None if ok else f"a finite number{span}"
+    if annotation == "bool":
+        return None if isinstance(value, bool) else "true or false"
+    if annotation == "str":
+        return None if isinstance(value, str) else "a string"
+    if annotation == "str | None":
+        return None if value is None or isinstance(value, str) else "a string or null"
+    if annotation == "tuple[int, ...]":
+        ok = (isinstance(value, (list, tuple)) and 1 <= len(value) <= 32
+              and all(number(v, True) and (not bounds or low <= v <= high) for v in value))
+        return None if ok else f"a list of 1 to 32 whole numbers{span}"
+    return None  # pragma: no cover - every field's annotation is one of the above
+
+
 class _JsonConfig:
     """Shared reading/writing of a config dataclass from/to config.json."""
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ()
+    # Bounds of numeric fields (a list field: of each element). Wide enough for any released HART and
+    # its variants; they keep a hostile or mistyped value (0, -1, 1e9) from reaching the model code.
+    BOUNDS: ClassVar[dict[str, tuple[float, float]]] = {}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "<dict>") -> "_JsonConfig":
@@ -48,12 +85,19 @@ class _JsonConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         kwargs: dict[str, Any] = {}
         dropped = []
+        wrong = []
         for key, value in data.items():
             if key in known:
+                expected = _type_problem(value, str(known[key].type), cls.BOUNDS.get(key))
+                if expected:
+                    wrong.append(f"{key!r}: expected {expected}, found {_describe(value)}")
+                    continue
                 default = known[key].default
                 kwargs[key] = _coerce(value, default)
             elif not key.startswith("_") and key not in _HF_BOOKKEEPING:
                 dropped.append(key)
+        if wrong:
+            raise CheckpointError(f"{source}: invalid {cls.__name__} value(s): " + "; ".join(wrong))
         if dropped:
             warnings.warn(
                 f"{source}: ignoring keys unknown to {cls.__name__} (as upstream does): {sorted(dropped)}",
@@ -74,9 +118,11 @@ class _JsonConfig:
         if not path.is_file():
             raise CheckpointError(f"{path}: config file not found")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+        except RecursionError:
+            raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
         if not isinstance(data, dict):
             raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
         return cls.from_dict(data, source=str(path))
@@ -111,6 +157,13 @@ class HARTConfig(_JsonConfig):
     """``llm/config.json``: the AR transformer and its residual diffusion head."""
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = HART_MODEL_TYPES
+    BOUNDS: ClassVar[dict[str, tuple[float, float]]] = {
+        "context_token": (1, 4096), "context_dim": (1, 65536), "depth": (1, 512), "embed_dim": (4, 65536),
+        "num_heads": (1, 1024), "mlp_ratio": (0.01, 64), "norm_eps": (0, 1), "patch_nums": (1, 256),
+        "diff_width": (1, 65536), "diff_depth": (1, 512), "context_norm_scale": (-1e6, 1e6),
+        "diffusion_head_repeats": (1, 64), "drop_rate": (0, 1), "attn_drop_rate": (0, 1),
+        "drop_path_rate": (0, 1), "cond_drop_rate": (0, 1), "diffusion_batch_mul": (0, 1024),
+    }
 
     model_type: str = "hart_transformer_t2i"
     vae_path: str | None = None
@@ -206,6 +259,11 @@ class VAEConfig(_JsonConfig):
     """``tokenizer/config.json``: HART's hybrid VQ autoencoder."""
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = VAE_MODEL_TYPES
+    BOUNDS: ClassVar[dict[str, tuple[float, float]]] = {
+        "vocab_size": (1, 1 << 20), "z_channels": (1, 4096), "ch": (32, 4096), "dropout": (0, 1),
+        "beta": (-1e6, 1e6), "quant_conv_ks": (1, 15), "quant_resi": (-1e6, 1e6), "share_quant_resi": (0, 64),
+        "default_qresi_counts": (0, 1024), "v_patch_nums": (1, 256), "ch_mult": (1, 64), "levels": (1, 1024),
+    }
 
     model_type: str = "hart_autoencoder_with_disc"
     vocab_size: int = 4096

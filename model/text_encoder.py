@@ -250,10 +250,15 @@ def load_qwen2_config(root: Path):
         raise CheckpointError(f"config.json is missing from text model folder {root}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    except RecursionError:
+        raise CheckpointError(f"{path} is not valid JSON: nested too deeply") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
     if raw.get("model_type") != "qwen2":
         raise CheckpointError(f"{path}: model_type is {raw.get('model_type')!r}, expected 'qwen2' (a Qwen2 text model)")
+    _check_raw_config(raw, path)
     config = Qwen2Config.from_dict(raw)
     if getattr(config, "rope_scaling", None):
         warnings.warn(
@@ -265,19 +270,37 @@ def load_qwen2_config(root: Path):
     return config
 
 
+# The Qwen2 keys this re-implementation reads, with what they must be (wide bounds: any Qwen2 fits).
+_QWEN2_INTS = {"vocab_size": 1 << 22, "hidden_size": 65536, "intermediate_size": 1 << 20,
+               "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024}
+
+
+def _check_raw_config(raw: dict, path: Path) -> None:
+    """Wrong types or sizes in config.json as one error naming the key, not a traceback later."""
+    problems = []
+    for key, high in _QWEN2_INTS.items():
+        value = raw.get(key)
+        if key not in raw and key == "num_key_value_heads":
+            continue  # Qwen2Config defaults it to num_attention_heads
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+            problems.append(f"{key!r}: expected a whole number in [1, {high}], found {value!r}")
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = raw.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            problems.append(f"{key!r}: expected a positive number, found {value!r}")
+    if not isinstance(raw.get("hidden_act", "silu"), str):
+        problems.append(f"'hidden_act': expected a string, found {raw['hidden_act']!r}")
+    if problems:
+        raise CheckpointError(f"{path}: invalid text model config: " + "; ".join(problems)[:600])
+
+
 def _weight_files(root: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = root / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index} is not a valid weight index: {e}") from e
-            files = [root / name for name in sorted(set(weight_map.values()))]
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise CheckpointError(f"{index} names missing shard(s): {', '.join(missing)}")
-            return files
+            from hartkit.model.checkpoint import shard_files  # validated, confined to the folder
+
+            return shard_files(index)
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (root / single).is_file():
             return [root / single]
@@ -288,16 +311,11 @@ def _weight_files(root: Path) -> list[Path]:
 
 
 def _iter_tensors(path: Path):
-    if path.suffix == ".safetensors":
-        from hartkit.model.checkpoint import read_weight_file  # memory-mapped, validated
+    # safetensors memory-mapped and validated; pickles with weights_only, and a file that is neither
+    # refused in one line
+    from hartkit.model.checkpoint import read_weight_file
 
-        yield from read_weight_file(path).items()
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise CheckpointError(f"cannot read {path}: {e}") from e
-        yield from state.items()
+    yield from read_weight_file(path).items()
 
 
 def _read_decoder_weights(root: Path, expected: dict[str, torch.Size]) -> dict[str, Tensor]:
@@ -317,7 +335,12 @@ def _read_decoder_weights(root: Path, expected: dict[str, torch.Size]) -> dict[s
                 raise CheckpointError(
                     f"{path.name}: {key} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name])}"
                 )
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"{path}: {key}: expected a floating-point tensor, found {tensor.dtype}")
             state[name] = tensor
+    from hartkit.model.checkpoint import check_weights
+
+    check_weights(state, str(root))
     missing = sorted(set(expected) - set(state))
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")

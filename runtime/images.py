@@ -18,13 +18,12 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
 
 
 def _write_png(image, path: str | os.PathLike) -> Path:
-    """Save a PIL image as PNG atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    """Save a PIL image as PNG atomically (temp file + rename; a device or FIFO is written through)."""
+    from hartkit.fsutil import atomic_file
+
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
 
 
 def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:

@@ -14,7 +14,6 @@ import html
 import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -399,15 +398,16 @@ def render_html(report: ValidationReport) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from hartkit.fsutil import write_text
+
+    write_text(path, text)
 
 
 def write_report(report: ValidationReport, out: str | Path) -> tuple[Path, Path]:
     """Write ``out/report.json`` and ``out/report.html``; returns their paths."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from hartkit.fsutil import make_dir
+
+    out = make_dir(out)
     data = report_dict(report)
     json_path, html_path = out / JSON_NAME, out / HTML_NAME
     _atomic_write(json_path, json.dumps(data, indent=2, allow_nan=False) + "\n")
