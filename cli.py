@@ -237,12 +237,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     backends = [b.strip() for b in args.backend.split(",") if b.strip()] if args.backend else None
     if not args.bundle and not args.recipes:
         raise UsageError("give --bundle DIR (one or more) and/or --recipes R1,R2 --work DIR (exports them first)")
-    bar = tqdm(desc="bench", unit="step", file=sys.stderr, bar_format="{desc}: {n_fmt} steps [{elapsed}] {postfix}")
-
     if args.out:
         from hartkit.fsutil import check_output_dir
 
         check_output_dir(args.out)  # before the minutes of measuring
+    bar = tqdm(desc="bench", unit="step", file=sys.stderr, bar_format="{desc}: {n_fmt} steps [{elapsed}] {postfix}")
+
     def step(message: str) -> None:
         bar.set_postfix_str(message)
         bar.update(1)
@@ -410,11 +410,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     overrides = T.load_file(args.thresholds) if args.thresholds else {}
     overrides.update(T.parse_assignments(args.threshold or []))
     T.resolve(overrides)  # refuse a typo before the minutes of work
-    prompts = read_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
-    seeds = parse_seeds(args.seeds)
     from hartkit.fsutil import check_output_dir
 
     check_output_dir(args.out)  # and an output folder that cannot be written
+    prompts = read_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
+    seeds = parse_seeds(args.seeds)
     bars: list = []  # the progress bar starts once the amount of work is known (after the checks)
     try:
         def on_total(total: int) -> None:
@@ -599,11 +599,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
 # Third-party log lines that say nothing to a hartkit user, dropped by message (not by level, so
 # that their real errors still show): torchao's optional CUDA kernels that cannot load on a CPU
 # machine, and torch's pytree deprecation note about enums torchao registers.
@@ -634,16 +629,21 @@ def _quiet_third_party() -> None:
             logger.addFilter(_DropNoise(fragments))
 
 
-        return 2
+def main(argv: list[str] | None = None) -> int:
     _quiet_third_party()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
     warnings.filterwarnings("ignore", category=FutureWarning)
+    if hasattr(sys.stdout, "reconfigure"):  # a path from undecodable argv bytes prints, escaped, not as a traceback
+        sys.stdout.reconfigure(errors="backslashreplace")
     warnings.formatwarning = lambda message, category, *_a, **_k: f"hartkit: warning: {message}\n"
     try:
         return int(args.func(args) or 0)
     except HartkitError as exc:
         print(f"hartkit {args.command}: error: {exc}", file=sys.stderr)
-    if hasattr(sys.stdout, "reconfigure"):  # a path from undecodable argv bytes prints, escaped, not as a traceback
-        sys.stdout.reconfigure(errors="backslashreplace")
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
