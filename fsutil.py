@@ -6,7 +6,7 @@
 - :func:`atomic_dir`: a folder is built beside its target and swapped in when complete. An existing
   folder is replaced only when empty or when the caller's test accepts it (``replaceable``); never
   ``/``, the home folder, the current folder or one of its parents.
-- :func:`target_lock`: an advisory lock (``.NAME.lock`` beside the target) so that two writers of one
+- :func:`target_lock`: an advisory lock (``.NAME.hartkit-lock`` beside the target) so that two writers of one
   target do not both succeed; it is taken first, so it also proves the parent writable before any
   slow work.
 - Temp folders carry a marker naming the process that made them (pid, host, start time); a later
@@ -37,7 +37,7 @@ from hartkit.errors import HartkitError, OutputError, UsageError
 MARKER = ".hartkit-tmp"  # inside every temp folder: who made it (JSON), so stale ones can be told apart
 TMP_INFIX = ".tmp-"
 _WORK, _OLD = "work", "old"  # inside a temp folder: the folder being built, the one it replaces
-LOCK_SUFFIX = ".lock"
+LOCK_SUFFIX = ".hartkit-lock"  # a name no one else uses: the file is truncated and removed
 _DEFAULT_NAME_MAX = 255
 
 
@@ -181,9 +181,22 @@ def _remove_empty(created: list[Path]) -> None:
             break
 
 
+_umask_guard = threading.Lock()
+
+
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+    """The process umask, read without changing it where the system tells it (Linux): setting it,
+    even for an instant, would change the mode of files other threads create meanwhile."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_guard:
+        mask = os.umask(0o022)
+        os.umask(mask)
     return mask
 
 
@@ -299,9 +312,9 @@ def _start_time(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
-def _owner() -> dict:
+def _owner(target: str) -> dict:
     return {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid()),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "target": target, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 def _alive(pid: int, start: str | None) -> bool:
@@ -319,13 +332,15 @@ def _alive(pid: int, start: str | None) -> bool:
     return start is None or now is None or now == start  # another start time: the pid was reused
 
 
-def _is_stale(folder: Path) -> bool:
-    """True only for a temp folder of ours (marker) whose process, on this host, is gone."""
+def _is_stale(folder: Path, target: str) -> bool:
+    """True only for a temp folder of ours (marker) for ``target`` whose process, on this host, is gone."""
     try:
         info = json.loads((folder / MARKER).read_text())
         pid, host = int(info["pid"]), info["host"]
     except (OSError, ValueError, KeyError, TypeError):
         return False  # no marker, or not ours: never touched
+    if info.get("target") != target:  # another target whose name starts like this one's
+        return False
     return host == socket.gethostname() and not _alive(pid, info.get("start"))
 
 
@@ -346,7 +361,8 @@ def remove_stale_temps(out: Path) -> list[Path]:
     except OSError:
         return removed
     for entry in entries:
-        if not (entry.name.startswith(prefix) and entry.is_dir() and not entry.is_symlink() and _is_stale(entry)):
+        if not (entry.name.startswith(prefix) and entry.is_dir() and not entry.is_symlink()
+                and _is_stale(entry, out.name)):
             continue
         old = entry / _OLD
         if os.path.isdir(old) and not os.path.lexists(out):
@@ -359,8 +375,8 @@ def remove_stale_temps(out: Path) -> list[Path]:
     return removed
 
 
-def _mark(folder: Path) -> None:
-    (folder / MARKER).write_text(json.dumps(_owner()))
+def _mark(folder: Path, target: str) -> None:
+    (folder / MARKER).write_text(json.dumps(_owner(target)))
 
 
 # ----------------------------------------------------------------------------- locking
@@ -417,7 +433,7 @@ def _acquire(lock: Path, out: Path, what: str) -> int:
 
 @contextmanager
 def target_lock(out: str | os.PathLike, what: str = "write") -> Iterator[None]:
-    """Hold ``.NAME.lock`` beside ``out`` (``flock``) for the block: a second process writing the same
+    """Hold ``.NAME.hartkit-lock`` beside ``out`` (``flock``) for the block: a second process writing the same
     target fails at once naming the first. Reentrant in one thread. The lock file is removed after;
     one left by a killed process is unlocked (the kernel drops it) and reused."""
     out = absolute(out)
@@ -531,7 +547,7 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False,
         except OSError as exc:
             raise _oserror(shown, exc) from None
         try:
-            _mark(holder)
+            _mark(holder, out.name)
             work = holder / _WORK
             work.mkdir()
         except OSError as exc:

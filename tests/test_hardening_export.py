@@ -138,6 +138,42 @@ def test_a_replacement_killed_between_its_renames_keeps_the_old_folder(tmp_path,
     assert (out / "old").read_text() == "old" and _leftovers(tmp_path) == []
 
 
+def test_init_checkpoint_force_replaces_only_a_checkpoint(tmp_path):
+    from hartkit.model.presets import init_checkpoint
+
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "f").write_text("x")
+    with pytest.raises(CheckpointError, match="only for a previous checkpoint, and it holds no llm/config.json"):
+        init_checkpoint("tiny", d, overwrite=True)
+    assert (d / "f").read_text() == "x" and _leftovers(tmp_path) == []
+
+
+def test_export_targets_with_bad_names_fail_before_the_work(tmp_path, tiny_checkpoint):
+    with pytest.raises(UsageError, match="name too long"):
+        export_checkpoint(tiny_checkpoint, tmp_path / ("n" * 300), ["onnx"])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="exists and is not a folder"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "file", ["onnx"], overwrite=True)
+    with pytest.raises(UsageError, match="output path is empty"):
+        export_checkpoint(tiny_checkpoint, "", ["onnx"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["validate", "nope", "--out", "{file}"],
+    ["bench", "--checkpoint", "nope", "--bundle", "nope", "--out", "{file}"],
+    ["demo", "--out", "{file}"],
+    ["demo", "--out", "{file}/sub"],
+])
+def test_report_folders_that_cannot_be_written_fail_before_the_work(tmp_path, capsys, argv):
+    file = tmp_path / "file"
+    file.write_text("x")
+    code, err = _cli(capsys, *[a.format(file=file) for a in argv])
+    assert code == 2 and "not a folder" in _error_line(err)
+    assert file.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 # ----------------------------------------------------------------------------- locks (item 7)
 
 HOLD = """
@@ -352,8 +388,7 @@ def test_temp_folders_of_a_killed_run_are_removed_by_the_next(tmp_path):
         (folder / "data").write_text("keep")
     info = json.loads((mine / fsutil.MARKER).read_text())
     (lookalikes["otherhost"] / fsutil.MARKER).write_text(json.dumps({**info, "host": "elsewhere"}))
-    (lookalikes["alive"] / fsutil.MARKER).write_text(json.dumps({"pid": os.getpid(), "host": info["host"],
-                                                                 "start": None}))
+    (lookalikes["alive"] / fsutil.MARKER).write_text(json.dumps({**info, "pid": os.getpid(), "start": None}))
     with fsutil.atomic_dir(out) as work:
         (work / "done").write_text("x")
     assert not mine.exists() and all((f / "data").is_file() for f in lookalikes.values())
@@ -367,11 +402,15 @@ def test_an_old_folder_moved_aside_by_a_killed_replacement_is_put_back(tmp_path)
     (holder / "old" / "precious").write_text("x")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (holder / fsutil.MARKER).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "start": "1"}))
+    marker = {"pid": dead.pid, "host": socket.gethostname(), "start": "1", "target": "out"}
+    (holder / fsutil.MARKER).write_text(json.dumps(marker))
+    other = tmp_path / ".out.tmp-b.tmp-x"  # another target's ("out.tmp-b"): its old folder is not ours to move
+    (other / "old").mkdir(parents=True)
+    (other / fsutil.MARKER).write_text(json.dumps({**marker, "target": "out.tmp-b"}))
     with pytest.raises(UsageError, match="already exists"):  # it is back, and not replaced without --force
         with fsutil.atomic_dir(out):
             pass
-    assert (out / "precious").read_text() == "x" and not holder.exists()
+    assert (out / "precious").read_text() == "x" and not holder.exists() and (other / "old").is_dir()
 
 
 # ----------------------------------------------------------------------------- checkpoints (item 10)
