@@ -280,10 +280,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from hartkit.export.exporter import export_checkpoint, parse_formats
+    from hartkit.export.exporter import check_target, export_checkpoint, parse_formats
     from hartkit.export.parity import format_table
 
     formats = parse_formats(args.format)
+    if not args.out:
+        raise UsageError("--out is empty; give a new folder for the bundle")
+    check_target(Path(args.out), args.force)  # refuse before the progress bar; again under the lock
     bar = tqdm(desc="exporting", unit="step", file=sys.stderr, bar_format="{desc}: {n_fmt} steps [{elapsed}] {postfix}")
     try:
         def step(message: str) -> None:
