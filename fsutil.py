@@ -112,8 +112,11 @@ def protected_reason(out: Path) -> str | None:
     if real == Path(real.anchor):
         return "the filesystem root"
     try:
-        if real == Path(os.path.realpath(Path.home())):
+        home = Path(os.path.realpath(Path.home()))
+        if real == home:
             return "your home folder"
+        if real in home.parents:
+            return "a parent of your home folder"
     except (KeyError, RuntimeError):  # no home folder known
         pass
     try:
@@ -400,14 +403,18 @@ def _holder(lock: Path) -> str:
 
 
 def _acquire(lock: Path, out: Path, what: str) -> int:
-    import fcntl
-
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: the lock file still proves the folder writable
+        fcntl = None
     for _ in range(20):
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as exc:
             raise OutputError(f"{out}: cannot write into {lock.parent}: {exc.strerror or exc}") from None
         try:
+            if fcntl is None:
+                return fd
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)

@@ -83,6 +83,8 @@ def test_home_symlinks_and_files_are_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(home))
     with pytest.raises(UsageError, match="home folder"):
         check_target(home, True)
+    with pytest.raises(UsageError, match="a parent of your home folder"):
+        check_target(tmp_path, True)
     (tmp_path / "other").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "other")
     with pytest.raises(UsageError, match="symbolic link"):
