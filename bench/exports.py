@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from hartkit.errors import HartkitError
-from hartkit.fsutil import write_text
+from hartkit.fsutil import make_dir, write_text
 
 
 STATS = "exports.json"  # beside the bundles (not inside: the bundle's checksums stay the bundle's)
@@ -89,7 +89,7 @@ def prepare_bundles(checkpoint: str | Path, work: str | Path, recipes: Sequence[
     and one stats row per export (``failed`` holds the reason of one that did not finish)."""
     say = progress or (lambda _m: None)
     checkpoint, work = Path(checkpoint), Path(work)
-    work.mkdir(parents=True, exist_ok=True)
+    make_dir(work)  # a file or a read-only place: one line, before any export
     stats_path = work / STATS
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
     bundles, rows = [], []
