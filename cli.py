@@ -218,7 +218,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         print(f"recipe     {json.dumps(manifest.get('recipe')) if manifest.get('recipe') else 'fp32 (none)'}")
         return 0
     if args.action == "pack":
-        out = B.pack(args.path, args.archive or str(Path(args.path).with_suffix(B.ARCHIVE_SUFFIX)))
+        out = B.pack(args.path, args.archive)  # no --archive: NAME.hartkit beside the folder (also for `pack .`)
         print(f"wrote {out}")
         return 0
     if args.action == "unpack":

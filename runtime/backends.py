@@ -7,6 +7,7 @@ and with it ``hartkit.runtime`` — imports without torch.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
@@ -64,7 +65,9 @@ class OnnxRuntimeBackend:
         if graph not in self._sessions:
             if graph not in self._files:
                 raise HartkitError(f"{self._dir}: no ONNX file for graph '{graph}' (export with --format onnx)")
-            path = self._dir / self._files[graph]
+            from hartkit.runtime.bundle import bundle_path
+
+            path = bundle_path(self._dir, self._files[graph], f"ONNX file of graph '{graph}'")
             if not path.is_file():
                 raise HartkitError(f"{path}: ONNX file of graph '{graph}' is missing")
             opts = self._ort.SessionOptions()
@@ -72,14 +75,30 @@ class OnnxRuntimeBackend:
                 opts.intra_op_num_threads = self._threads
             opts.log_severity_level = 3
             opts.enable_cpu_mem_arena = self.use_arena
-            self._sessions[graph] = self._ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            with _ort_errors(f"{path}: onnxruntime cannot load the graph '{graph}'"):
+                self._sessions[graph] = self._ort.InferenceSession(str(path), opts,
+                                                                   providers=["CPUExecutionProvider"])
         return self._sessions[graph]
 
     def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         sess = self._session(graph)
         names = [i.name for i in sess.get_inputs()]
         arrays = _ordered(graph, names, feeds)
-        return sess.run(None, dict(zip(names, arrays)))
+        with _ort_errors(f"onnxruntime failed on graph '{graph}'"):
+            return sess.run(None, dict(zip(names, arrays)))
+
+
+@contextlib.contextmanager
+def _ort_errors(what: str):
+    """onnxruntime's own exceptions (a corrupt file, inputs that disagree with the graph) as one-line
+    HartkitErrors: they come from the files or the manifest, not from a bug here."""
+    try:
+        yield
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise HartkitError(f"{what}: {first[:300]}") from None
 
 
 class TorchBackend:

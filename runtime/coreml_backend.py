@@ -56,7 +56,9 @@ class CoreMLBackend:
         self._units = getattr(ct.ComputeUnit, compute_units)
         self._functions: dict[str, str] = {}  # graph -> multifunction package (relative)
         if multifunction:
-            mf = self._dir / MULTIFUNCTION_INFO
+            from hartkit.runtime.bundle import bundle_path
+
+            mf = bundle_path(self._dir, MULTIFUNCTION_INFO, "Core ML multifunction index")
             if not mf.is_file():
                 raise HartkitError(f"{mf}: missing; this export has no iOS18 multifunction packages")
             mac = tuple(int(p) for p in (platform.mac_ver()[0] or "0").split(".")[:1])
@@ -70,11 +72,13 @@ class CoreMLBackend:
     def _model(self, graph: str):
         if graph in self._models:
             return self._models[graph]
+        from hartkit.runtime.bundle import bundle_path
+
         if graph in self._functions:
-            path = self._dir / self._functions[graph]
+            path = bundle_path(self._dir, self._functions[graph], f"Core ML package of graph '{graph}'")
             kwargs = {"function_name": graph}
         elif graph in self._files:
-            path = self._dir / self._files[graph]
+            path = bundle_path(self._dir, self._files[graph], f"Core ML package of graph '{graph}'")
             kwargs = {}
         else:
             raise HartkitError(f"{self._dir}: no Core ML package for graph '{graph}' (export with --format coreml)")

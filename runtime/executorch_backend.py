@@ -50,7 +50,9 @@ class ExecuTorchBackend:
             raise HartkitError(f"{self._dir}: no ExecuTorch program for graph '{graph}' (export with --format executorch)")
         rel = self._files[graph]
         if rel not in self._programs:
-            path = self._dir / rel
+            from hartkit.runtime.bundle import bundle_path
+
+            path = bundle_path(self._dir, rel, f"ExecuTorch program of graph '{graph}'")
             if not path.is_file():
                 raise HartkitError(f"{path}: ExecuTorch program of graph '{graph}' is missing")
             try:

@@ -8,7 +8,9 @@ onnxruntime, ExecuTorch, Core ML or eager torch. This module imports no torch.
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -74,11 +76,35 @@ class RuntimeTrace:
     z: np.ndarray | None = None  # diffusion condition [2, n_last, C]
 
 
+_LOCK_GUARD = threading.Lock()
+
+
+def _one_at_a_time(method):
+    """Run a method of a shared Pipeline under the pipeline's lock (reentrant: generate calls encode_prompt)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        lock = self.__dict__.get("_generation_lock")
+        if lock is None:  # made on first use, so every way of building a Pipeline gets one
+            with _LOCK_GUARD:
+                lock = self.__dict__.setdefault("_generation_lock", threading.RLock())
+        with lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class Pipeline:
     """Text-to-image generation on exported graphs.
 
     >>> pipe = Pipeline.from_exported("out/", backend="onnxruntime")   # doctest: +SKIP
     >>> image = pipe("a red circle above a blue square", seed=0)       # doctest: +SKIP
+
+    Threads: one pipeline may be shared by any number of threads (a server's request handlers, see
+    ``examples/serve.py``). Generations then run one at a time, each as if alone (a lock per pipeline):
+    neither the tokenizer nor an ExecuTorch method may run twice at once, and onnxruntime already uses
+    every core for one image. Concurrent callers queue; for images in parallel, load one pipeline per
+    worker (each holds its own copy of the weights).
     """
 
     def __init__(self, loop: LoopInfo, backend, tokenizer: PromptTokenizer, codebook: np.ndarray,
@@ -100,14 +126,17 @@ class Pipeline:
                       graph_backends: Mapping[str, str] | None = None) -> "Pipeline":
         """Load an export folder written by ``hartkit export``; ``graph_backends`` overrides per graph."""
         from hartkit.runtime.backends import open_backend
+        from hartkit.runtime.bundle import bundle_path
 
         export_dir = Path(export_dir)
         info = read_export_info(export_dir)
         loop = LoopInfo.from_dict(info["loop"])
         runner = open_backend(export_dir, info, backend, graph_backends or {})
-        constants = _load_constants(export_dir / info.get("constants", CONSTANTS))
-        tokenizer = PromptTokenizer.from_dir(export_dir / info.get("tokenizer", TOKENIZER_DIR))
-        return cls(loop, runner, tokenizer, constants["codebook"], past_shape=_past_shape(info))
+        # Every path the manifest names stays inside the folder (bundle_path refuses the rest).
+        codebook = _load_codebook(bundle_path(export_dir, info.get("constants", CONSTANTS), "constants"), loop)
+        tokenizer_dir = bundle_path(export_dir, info.get("tokenizer", TOKENIZER_DIR), "tokenizer", contents=True)
+        tokenizer = PromptTokenizer.from_dir(tokenizer_dir)
+        return cls(loop, runner, tokenizer, codebook, past_shape=_past_shape(info))
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, backend: str = "onnxruntime",
@@ -137,6 +166,7 @@ class Pipeline:
         image, _ = self.generate(prompt, seed=seed, cfg=cfg, more_smooth=more_smooth, top_p=top_p, progress=progress)
         return Image.fromarray(image)
 
+    @_one_at_a_time
     def encode_prompt(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         """-> context ``[1,T,D]`` fp32 and context mask ``[1,T]`` bool (warns on truncation)."""
         import warnings
@@ -154,6 +184,7 @@ class Pipeline:
         (context,) = self._run("text_encoder", {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)})
         return context.astype(np.float32), batch.mask.astype(bool)
 
+    @_one_at_a_time
     def generate(self, prompt: str, seed: int = 0, cfg: float | None = None, more_smooth: bool = True, top_p: float = 0.0,
                  progress: Callable[[str], None] | None = None, keep_logits: bool = False,
                  context: tuple[np.ndarray, np.ndarray] | None = None,
@@ -281,22 +312,25 @@ def _past_shape(info: dict) -> tuple[int, int, int, int] | None:
 
 
 def read_export_info(export_dir: Path) -> dict:
+    """The folder's manifest, schema-checked (bounded numbers, paths inside the folder) like a bundle's."""
+    from hartkit.runtime.bundle import read_manifest
+
     path = export_dir / EXPORT_INFO
     if not export_dir.is_dir():
         raise HartkitError(f"{export_dir}: export folder not found")
     if not path.is_file():
         raise HartkitError(f"{export_dir}: not a hartkit export (no {EXPORT_INFO})")
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise HartkitError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(info, dict) or "loop" not in info or "graphs" not in info:
-        raise HartkitError(f"{path}: missing the 'loop' or 'graphs' section")
-    return info
+    return read_manifest(export_dir)
 
 
-def _load_constants(path: Path) -> dict[str, np.ndarray]:
+def _load_codebook(path: Path, loop: LoopInfo) -> np.ndarray:
+    from hartkit.runtime.bundle import load_npz
+
     if not path.is_file():
         raise HartkitError(f"{path}: constants file not found")
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    codebook = load_npz(path).get("codebook")
+    want = (loop.vocab_size, loop.latent_dim)
+    if codebook is None or codebook.shape != want or codebook.dtype.kind != "f":
+        got = "none" if codebook is None else f"{codebook.dtype}{list(codebook.shape)}"
+        raise HartkitError(f"{path}: expected a float codebook of shape {list(want)} (loop section), found {got}")
+    return codebook
