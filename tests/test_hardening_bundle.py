@@ -316,6 +316,48 @@ def test_verify_with_a_backend_fails_but_never_crashes_on_in_bounds_lies(bundle,
         (bundle / "manifest.json").write_text(original)
 
 
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8)
+    | st.sampled_from(["onnx/ar_head.onnx", "../x", "/etc/passwd", "constants.npz", "golden/loop.npz", "tokenizer"]),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+def _paths(node, prefix=(), depth=0):
+    """Every (nested key or index) path of a manifest, to depth 5."""
+    yield prefix
+    if depth >= 5:
+        return
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in items:
+        yield from _paths(child, (*prefix, key), depth + 1)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_bundle_verify_never_crashes_on_a_mutated_manifest(bundle, capsys, data):
+    """Any subtree of a real manifest replaced by any JSON: `bundle verify` (golden vectors and loop
+    replay included) exits 0, 2 or 3 with its own messages, never a traceback."""
+    original = (bundle / "manifest.json").read_text()
+    manifest = json.loads(original)
+    paths = [p for p in _paths(manifest) if p and p[0] not in ("parity", "notes", "libraries", "onnx_weights")]
+    where = data.draw(st.sampled_from(paths))
+    node = manifest
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = data.draw(json_values)
+    try:
+        (bundle / "manifest.json").write_text(json.dumps(manifest))
+        rc, _, err = cli(capsys, "bundle", "verify", str(bundle))
+        assert rc in (0, 2, 3)
+        assert "Traceback" not in err
+        if rc != 0:
+            assert err.strip(), "a failure says why"
+    finally:
+        (bundle / "manifest.json").write_text(original)
+
+
 # ----------------------------------------------------------------------------- 12: extra files, links
 
 
@@ -507,6 +549,8 @@ def test_pack_and_unpack_targets_exit_with_one_line_and_leave_nothing(bundle, tm
     assert rc == 2 and "not a folder" in one_line_error(err) and existing.read_text() == "keep me"
     rc, _, err = cli(capsys, "bundle", "unpack", str(tmp_path / "bundle.hartkit"), "--out", str(folder.parent))
     assert rc == 2 and "not empty" in one_line_error(err)
+    rc, _, err = cli(capsys, "bundle", "unpack", str(tmp_path / "bundle.hartkit"), "--out", str(tmp_path / ("n" * 300)))
+    assert rc == 2 and "too long" in one_line_error(err)
     rc, _, err = cli(capsys, "bundle", "unpack", str(existing), "--out", str(tmp_path / "x"))
     assert rc == 3 and "not a hartkit bundle archive" in one_line_error(err)
     assert leftovers(tmp_path) == [] and not (tmp_path / "x").exists()
