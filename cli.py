@@ -47,7 +47,7 @@ CFG_HELP = ("classifier-free guidance scale (default: the model's recommendation
 
 
 def _cfg(text: str) -> float:
-    from hartkit.model.sampler import MAX_CFG
+    from hartkit.loop.plan import MAX_CFG  # torch-free: `generate --exported` runs without torch
 
     try:
         value = float(text)
@@ -146,7 +146,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_generate_inputs(args)
     if args.exported:
         images = _generate_exported(Path(args.exported), args.backend, _graph_backends(args.graph_backend),
-                                    args.prompt, args.seed, args.cfg, not args.no_smooth, args.top_p)
+                                    args.prompt, args.seed, args.cfg, not args.no_smooth, args.top_p,
+                                    self_check=not args.no_self_check)
     else:
         checkpoint = Path(args.checkpoint)
         text_model = _text_model_dir(checkpoint, args.text_model)
@@ -168,13 +169,14 @@ def _graph_backends(items: list[str] | None) -> dict[str, str]:
 
 
 def _generate_exported(export_dir: Path, backend: str, graph_backends: dict[str, str], prompts: list[str],
-                       seed: int, cfg: float | None, more_smooth: bool, top_p: float):
+                       seed: int, cfg: float | None, more_smooth: bool, top_p: float, self_check: bool = True):
     import numpy as np
     from tqdm import tqdm
 
     from hartkit.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.from_exported(export_dir, backend=backend, graph_backends=graph_backends)
+    # A bundle is checked where it runs: file hashes, then its integer graphs' golden vectors on this CPU.
+    pipe = Pipeline.from_bundle(export_dir, backend=backend, graph_backends=graph_backends, self_check=self_check)
     images = []
     for prompt in prompts:
         bar = tqdm(total=len(pipe.loop.patch_nums), desc=f"generating ({backend})", unit="stage", file=sys.stderr)
@@ -535,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runtime backend with --exported (default: onnxruntime)")
     p.add_argument("--graph-backend", action="append", metavar="GRAPH=BACKEND",
                    help="run one graph on another backend, e.g. vae_decode=onnxruntime (repeatable)")
+    p.add_argument("--no-self-check", action="store_true",
+                   help="with --exported: skip running the bundle's integer graphs on their golden vectors at load "
+                        "(the check that this CPU computes them as the exporting one did; exit 3 when it does not)")
     p.add_argument("--prompt", required=True, action="append",
                    help="text prompt; repeat for a batch (images are numbered)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")

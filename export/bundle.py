@@ -16,6 +16,7 @@ from hartkit.loop.plan import stage_plan
 from hartkit.loop.prompt import HART_SYSTEM_PROMPT
 from hartkit.loop.schedule import IDDPMSchedule
 from hartkit.runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
+from hartkit.runtime.cpu import cpu_description
 
 LIBRARIES = ("torch", "numpy", "transformers", "tokenizers", "onnx", "onnxruntime", "onnxscript", "executorch",
              "torchao", "coremltools", "safetensors")
@@ -78,8 +79,11 @@ def artifacts(folder: Path) -> list[dict]:
 
 def build_manifest(info: dict, tokenizer, golden_graphs: dict, golden_loop: dict, recipe: dict | None,
                    model_name: str, folder: Path, checkpoint_path: Path | None = None,
-                   text_model_path: Path | None = None) -> dict:
+                   text_model_path: Path | None = None, self_check: Mapping[str, list[str]] | None = None) -> dict:
     """The export info plus everything a Swift/Kotlin port needs to reproduce an image.
+
+    ``self_check``: per format, the graphs whose results depend on the CPU's integer kernels; a
+    runtime runs their golden vectors when it loads the bundle (``golden.self_check``).
 
     ``checkpoint_path``/``text_model_path`` (optional) record where the bundle was exported from, so
     ``hartkit validate BUNDLE`` finds its reference without ``--checkpoint`` on the same machine.
@@ -125,7 +129,12 @@ def build_manifest(info: dict, tokenizer, golden_graphs: dict, golden_loop: dict
             "pad_token_id": int(tokenizer.pad_token_id),
             "context_mask": "ids != pad_token_id; positions = cumsum(mask) - 1",
         },
-        "golden": {"graphs": golden_graphs, "loop": golden_loop},
+        "golden": {"graphs": golden_graphs, "loop": golden_loop,
+                   "self_check": {fmt: list(graphs) for fmt, graphs in (self_check or {}).items()},
+                   "self_check_rule": "at load, run these graphs' golden vectors (golden.graphs.by_format) on "
+                                      "the backend that will run them; refuse the bundle if one misses its "
+                                      "tolerance: integer kernels differ between CPUs"},
+        "exported_on": cpu_description(),
         "recipe": recipe,
         "libraries": library_versions(),
         "targets": {fmt: TARGETS[fmt] for fmt in info.get("files", {}) if fmt in TARGETS},

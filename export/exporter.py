@@ -247,10 +247,11 @@ def export_checkpoint(
                 **golden_graphs,
             }
             golden_loop = None
+        self_check = {fmt: quant.integer_graphs(fmt) for fmt in formats} if quant is not None else {}
         manifest = build_manifest(info, encoder.tokenizer, golden_graphs, golden_loop,
                                   quant.recipe.to_dict() if quant is not None else None,  # issue 4 hook
                                   checkpoint.resolve().name, tmp, checkpoint_path=checkpoint.resolve(),
-                                  text_model_path=text_dir.resolve())
+                                  text_model_path=text_dir.resolve(), self_check=self_check)
         _write_info(tmp, manifest)
     return result
 

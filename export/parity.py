@@ -9,6 +9,7 @@ from typing import Mapping
 import numpy as np
 
 from hartkit.errors import HartkitError
+from hartkit.runtime.images import snr_db  # noqa: F401 (the one definition; importers use it from here too)
 
 
 class ParityError(HartkitError):
@@ -25,17 +26,6 @@ ATOL, RTOL, MIN_SNR_DB = 1e-4, 1e-4, 60.0
 # onnxruntime), while a tenth of a step can still never move a stored pixel by more than one level.
 IMAGE_OUTPUTS = frozenset({"image"})
 IMAGE_ATOL = 0.1 / 255.0
-
-
-def snr_db(ref: np.ndarray, got: np.ndarray) -> float:
-    ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
-    noise = float(np.sum((ref64 - got64) ** 2))
-    signal = float(np.sum(ref64**2))
-    if noise == 0:
-        return math.inf
-    if signal == 0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
 
 
 @dataclass

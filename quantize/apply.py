@@ -358,6 +358,13 @@ class QuantizedExport:
             raise UsageError(f"no eager-quantized outputs for {fmt}: check() it first")
         return self.eager_outputs[fmt]
 
+    def integer_graphs(self, fmt: str) -> list[str]:
+        """The graphs of ``fmt`` with a layer that computes in integers (activations quantized): their
+        results depend on the CPU's integer kernels, so a bundle self-checks them where it is loaded."""
+        plan = self.plans[fmt]
+        return sorted({g for a in plan.assignments.values() if a.scheme.info.activations != "float"
+                       for g in a.layer.graphs})
+
     # ------------------------------------------------------------------ records
     def to_json(self) -> dict:
         out: dict[str, Any] = {"recipe": self.recipe.to_dict(), "recipe_file": RECIPE_FILE, "formats": {}}

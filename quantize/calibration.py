@@ -133,9 +133,10 @@ class CalibrationSet:
         meta = {"format_version": FORMAT_VERSION, "prompts": self.prompts, "seed": self.seed, "cfg": self.cfg,
                 "calls": index}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(path)
+        from hartkit.fsutil import atomic_file
+
+        with atomic_file(path) as tmp:
+            np.savez_compressed(tmp, **arrays)
         return path
 
     @classmethod

@@ -150,6 +150,7 @@ def _dry_run(args: argparse.Namespace) -> int:
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     from hartkit.errors import UsageError
+    from hartkit.fsutil import write_json
     from hartkit.quantize import sensitivity as sv
     from hartkit.quantize.calibration import CalibrationSet, load_prompts, record
     from hartkit.quantize.recipe import Recipe
@@ -186,7 +187,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         report.chosen = {**sv.measure(ev, report, promoted), "budget_mb": args.budget_mb, "avg_bits": args.avg_bits}
     say("sensitivity: measuring the error-vs-size curve")
     sv.sweep(ev, report, points=args.points)
-    (out / "sensitivity.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    write_json(out / "sensitivity.json", report.to_json(), indent=2)
     sv.plot(report, out / "sensitivity.png")
     print(f"{'unit':58} {'score':>10} {report.low + ' kB':>12} {report.high + ' kB':>12}")
     for u in report.units[:20]:

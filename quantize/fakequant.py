@@ -9,8 +9,10 @@ Weights are fake-quantized (quantize -> dequantize, kept in float32) with each f
   the input dim, symmetric with the block's signed extreme mapped to ``-2^(b-1)`` (``scale =
   w[argmax|w|] / -2^(b-1)``, ``q`` in ``[-2^(b-1), 2^(b-1)-1]``) — read from onnxruntime's quantizer
   and checked against it in the tests.
-* onnx ``w8a8`` / ``w8a8_static``: int8 per output channel, ``scale = max|w| / 127`` (w8a8 Conv:
-  per tensor — quantize_dynamic's ConvInteger path ignores per_channel).
+* onnx ``w8a8`` / ``w8a8_static``: 7-bit weights stored in int8 (onnxruntime's ``reduce_range``), per
+  output channel, ``scale = max|w| / 64``, ``q`` in ``[-64, 64]`` (w8a8 Conv: per tensor —
+  quantize_dynamic's ConvInteger path ignores per_channel). 7 bits so that the uint8 x int8 kernels
+  sum exactly on every CPU (:func:`u8s8_dot` models the kernel that would not).
 * coreml ``int8`` / ``int4``: linear_symmetric on the fp16 weight, ``scale = max|w| / (2^(b-1) - 1)``
   per channel / block, the division in float16 (see :func:`coreml_linear`).
 * ``fp16``: weights rounded to float16.
@@ -77,6 +79,10 @@ def nbits_ort(w: Tensor, bits: int, block: int) -> Tensor:
     return deq.reshape(out_f, -1)[:, :k].float()
 
 
+# onnxruntime's reduce_range for symmetric int8 weights: q in [-64, 64], scale = max|w| / 64.
+W8A8_QMAX = 64
+
+
 def symmetric_per_channel(w: Tensor, qmax: int) -> Tensor:
     """``scale = max|w| / qmax`` per output channel (dim 0), ``q`` in ``[-qmax, qmax]``."""
     flat = w.detach().double().reshape(w.shape[0], -1)
@@ -102,9 +108,9 @@ def fake_weight(w: Tensor, kind: str, scheme: Scheme, fmt: str) -> Tensor:
             return nbits_ort(w, scheme.bits, ort_block_size(w.shape[1], scheme))
         if name == "w8a8" and kind == "conv":
             # quantize_dynamic quantizes Conv weights per tensor (ConvInteger), even with per_channel
-            return symmetric_per_tensor(w, 127)
+            return symmetric_per_tensor(w, W8A8_QMAX)
         if name in ("w8a8", "w8a8_static"):
-            return symmetric_per_channel(w, 127)
+            return symmetric_per_channel(w, W8A8_QMAX)
     if fmt == "coreml":
         # the converter stores fp16 constants (compute_precision FLOAT16) and coremltools quantizes those
         if name == "int8":
@@ -145,6 +151,39 @@ def kmeans_palettize(w: Tensor, bits: int, iters: int = 30) -> Tensor:
         centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers)
     assign = (x[:, None] - centers[None]).abs().argmin(dim=1)
     return centers.half().double()[assign].reshape(w.shape).float()
+
+
+# ----------------------------------------------------------------------------- integer kernels
+
+INT16_MAX = 32767
+
+
+def u8s8_dot(a: np.ndarray, b: np.ndarray, isa: str = "vnni") -> np.ndarray:
+    """``a @ b`` for uint8 ``a [M, K]`` and int8 ``b [K, N]`` as MLAS's u8 x s8 kernels compute it.
+
+    ``"vnni"`` (AVX512-VNNI / AVX-VNNI VPDPBUSD, ARM64 dot products): exact int32 sums.
+    ``"avx2"`` (AVX2, and AVX-512 without VNNI): VPMADDUBSW multiplies neighbouring pairs along K and
+    adds each pair with *signed int16 saturation* before VPMADDWD widens to int32 (K zero-padded to
+    a multiple of 4). No library exposes this arithmetic, so it is written out here to show which
+    weights are safe: with |b| <= 64 no pair can exceed 2 * 255 * 64 = 32640.
+    """
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    if isa == "vnni":
+        return (a @ b).astype(np.int64)
+    if isa != "avx2":
+        raise ValueError(f"isa must be 'vnni' or 'avx2', got {isa!r}")
+    k = a.shape[1]
+    pad = (-k) % 4
+    a = np.pad(a, ((0, 0), (0, pad)))
+    b = np.pad(b, ((0, pad), (0, 0)))
+    pairs = a[:, 0::2, None] * b[None, 0::2, :] + a[:, 1::2, None] * b[None, 1::2, :]  # [M, K/2, N]
+    return np.clip(pairs, -INT16_MAX - 1, INT16_MAX).sum(axis=1)
+
+
+def u8s8_can_saturate(qmax: int, a_max: int = 255) -> bool:
+    """Whether a pair of uint8 x int8 products (|b| <= qmax) can leave int16 on AVX2."""
+    return 2 * a_max * qmax > INT16_MAX
 
 
 # ----------------------------------------------------------------------------- activation rules

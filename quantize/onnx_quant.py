@@ -8,9 +8,9 @@ MatMulNBitsQuantizer skips, so without this the whole diffusion head would silen
 weight is used without calling its module, so module name scopes miss it); (3) run the passes:
 
 ==============  ===============================================================================
-w8a8_static     ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, MinMax
+w8a8_static     ``quantize_static`` (QDQ, per-channel 7-bit weights in int8, uint8 activations, MinMax
                 calibration on recorded real inputs, MatMul/Conv outputs not quantized)
-w8a8            ``quantize_dynamic`` (per-channel int8 weights, DynamicQuantizeLinear inputs)
+w8a8            ``quantize_dynamic`` (per-channel 7-bit weights in int8, DynamicQuantizeLinear inputs)
 int4            ``MatMulNBitsQuantizer(bits=4, symmetric, block_size=group)``, one pass per group;
                 embeddings (Gather) -> ``GatherBlockQuantized`` in the same pass
 int8            ``MatMulNBitsQuantizer(bits=8, symmetric, block = see fakequant.int8_block)``
@@ -18,6 +18,11 @@ int8            ``MatMulNBitsQuantizer(bits=8, symmetric, block = see fakequant.
                 run time, integer dot products (MLAS CompInt8; about 2x the fp32 MatMul on AVX-512 VNNI)
 fp16            weight initializer stored as float16 + a ``Cast`` to float32 (compute stays fp32)
 ==============  ===============================================================================
+
+Both uint8-activation passes use ``reduce_range`` (weights in [-64, 64]): MLAS multiplies uint8 by
+int8 with VPMADDUBSW on AVX2 and AVX-512 without VNNI, whose pairwise int16 sums saturate beyond
+32767; 2 * 255 * 64 = 32640 cannot, so the same file computes the same on every CPU (see
+``schemes.SUPPORT`` and ``fakequant.u8s8_dot``).
 
 Static first (its calibration runs on the still-float model), the rest touch disjoint nodes.
 Constants that are not layer weights (resampling matrices, RoPE-free tables) stay as exported.
@@ -342,7 +347,7 @@ def quantize_onnx_graph(path: Path, graph: str, weights: Mapping[str, tuple[str,
             quantize_static(
                 str(src), str(dst), _reader(calibration(), input_names), quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=["MatMul", "Conv"], per_channel=True, activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8, nodes_to_quantize=groups["w8a8_static"],
+                weight_type=QuantType.QInt8, nodes_to_quantize=groups["w8a8_static"], reduce_range=True,
                 extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul", "Conv"], "QuantizeBias": False,
                                "ActivationSymmetric": False, "WeightSymmetric": True},
                 use_external_data_format=large,
@@ -353,7 +358,7 @@ def quantize_onnx_graph(path: Path, graph: str, weights: Mapping[str, tuple[str,
             src, dst = work / "in2.onnx", work / "dynamic.onnx"
             save_tmp(model, src)
             quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Conv"], per_channel=True,
-                             weight_type=QuantType.QInt8, nodes_to_quantize=groups["w8a8"],
+                             weight_type=QuantType.QInt8, nodes_to_quantize=groups["w8a8"], reduce_range=True,
                              use_external_data_format=large)
             model = _load(dst)
         gathers = {n.name for n in model.graph.node if n.op_type == "Gather"}

@@ -160,7 +160,9 @@ class Recipe:
         return out
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from hartkit.fsutil import write_json
+
+        write_json(path, self.to_dict(), indent=2)
 
     # ------------------------------------------------------------------ per format
     def for_format(self, fmt: str) -> tuple[Scheme, dict[str, Scheme], list[tuple[str, Scheme]]]:

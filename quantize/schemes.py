@@ -40,9 +40,11 @@ SCHEMES: dict[str, SchemeInfo] = {
     "fp32": SchemeInfo(32, False, "float", "float32 weights (no quantization)"),
     "fp16": SchemeInfo(16, False, "float", "float16 weights"),
     "int8": SchemeInfo(8, False, "float", "int8 weights, symmetric, one scale per output channel; float activations"),
-    "w8a8": SchemeInfo(8, False, "dynamic", "int8 per-channel weights and int8 activations quantized at run time"),
+    "w8a8": SchemeInfo(8, False, "dynamic", "int8 per-channel weights (7-bit range: exact on every CPU) and uint8 "
+                                            "activations quantized at run time"),
     "w8a8_static": SchemeInfo(8, False, "static",
-                              "int8 per-channel weights and int8 activations with scales calibrated on real inputs"),
+                              "int8 per-channel weights (7-bit range) and uint8 activations with scales calibrated "
+                              "on real inputs"),
     "int4": SchemeInfo(4, True, "float", "int4 weights, symmetric, one scale per group of input channels"),
     "8da8w": SchemeInfo(8, False, "dynamic", "int8 dynamic activations (per token; onnx: per token and block), "
                                              "int8 weights"),
@@ -54,15 +56,38 @@ SCHEMES: dict[str, SchemeInfo] = {
 }
 
 
+FLOAT_KERNELS = "float kernels on every ISA: results differ between CPUs by float rounding only"
+# Measured on an AVX512-VNNI EPYC and the same wheels under an emulated AVX2-only CPU (qemu-x86_64
+# -cpu Haswell): the uint8 x int8 dot product of 64 all-maximum pairs is 2,072,640 on VNNI and
+# 1,048,544 on AVX2 (int16 saturation), reproduced by fakequant.u8s8_dot; 7-bit weights are exact on both.
+U8S8_KERNELS = ("MLAS uint8 x int8 GEMM: AVX512-VNNI/AVX-VNNI VPDPBUSD (exact int32 sums); AVX2 and "
+                "AVX-512 without VNNI VPMADDUBSW (neighbouring products summed with int16 saturation); "
+                "ARM64 UDOT/SDOT or widening multiplies (exact). Weights are 7-bit (reduce_range, |q| <= 64), "
+                "so no pair exceeds 2*255*64 = 32640 and every ISA sums exactly (emulated AVX2 = VNNI, bit for bit)")
+COMPINT8_KERNELS = ("MLAS MatMulNBits CompInt8: activations quantized to int8 per row and block, int8 x int4/int8 "
+                    "products in int32 (AVX512-VNNI, AVX-VNNI, AVX2 sign-trick VPMADDUBSW with |a| <= 127 and "
+                    "|b| <= 128: no int16 overflow; ARM64 SDOT); emulated AVX2 vs AVX512-VNNI: 114-130 dB apart "
+                    "per MatMul (summation order only)")
+XNNPACK_QD8_KERNELS = ("XNNPACK qd8-f32-qc8w/qb4w GEMMs (int8 dynamic activations): int32 accumulation on every "
+                       "ISA (AVX512-VNNI, AVX-VNNI, AVX2 via 16-bit widening multiplies, ARM64 SDOT/I8MM)")
+
+
 @dataclass(frozen=True)
 class Cell:
     kinds: frozenset[str]  # layer kinds the format quantizes with this scheme
     how: str  # the library call that does it
     exact: bool  # the eager emulation reproduces the format's arithmetic up to float rounding
+    # Which kernels run it on which CPU, and whether the result depends on the CPU beyond float
+    # rounding. A bundle runs on CPUs its exporter never saw: presets may use only cells whose result
+    # does not depend on the ISA (tested), and every bundle self-checks its quantized graphs at load.
+    kernels: str = FLOAT_KERNELS
+    isa_independent: bool = True
 
 
-def _cell(kinds: str, how: str, exact: bool = True) -> Cell:
-    return Cell(frozenset(kinds.split()), how, exact)
+def _cell(kinds: str, how: str, exact: bool = True, kernels: str = "", isa_independent: bool = True) -> Cell:
+    return Cell(frozenset(kinds.split()), how, exact, kernels or FLOAT_KERNELS, isa_independent)
+
+
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,23 +110,26 @@ SUPPORT: dict[tuple[str, str], Cell] = {
     # difference of one ulp can flip an activation's rounding, and those flips compound over a deep
     # stack: the bar is relative, as for every activation-quantizing cell.
     ("8da8w", "onnx"): _cell("linear", "MatMulNBitsQuantizer(bits=8, symmetric, block as int8, accuracy_level=4): "
-                                       "int8 activations per row and block at run time", exact=False),
+                                       "int8 activations per row and block at run time", exact=False,
+                             kernels=COMPINT8_KERNELS),
     ("8da4w", "onnx"): _cell("linear", "MatMulNBitsQuantizer(bits=4, symmetric, block_size = group size, "
                                        "accuracy_level=4): int8 activations per row and group at run time",
-                             exact=False),
-    ("w8a8", "onnx"): _cell("linear conv", "quantize_dynamic(per_channel=True, weight_type=QInt8): "
-                                           "MatMulInteger/ConvInteger, uint8 per-tensor activations", exact=False),
-    ("w8a8_static", "onnx"): _cell("linear conv", "quantize_static(QDQ, per_channel=True, MinMax calibration on "
-                                                  "recorded real inputs)", exact=False),
+                             exact=False, kernels=COMPINT8_KERNELS),
+    ("w8a8", "onnx"): _cell("linear conv", "quantize_dynamic(per_channel=True, weight_type=QInt8, reduce_range=True): "
+                                           "MatMulInteger/ConvInteger, 7-bit weights, uint8 per-tensor activations",
+                            exact=False, kernels=U8S8_KERNELS),
+    ("w8a8_static", "onnx"): _cell("linear conv", "quantize_static(QDQ, per_channel=True, reduce_range=True, MinMax "
+                                                  "calibration on recorded real inputs)", exact=False,
+                                   kernels=U8S8_KERNELS),
     # ExecuTorch: torchao configs on the wrapper modules before torch.export, lowered to XNNPACK.
     ("fp32", "executorch"): _cell("linear conv embedding", "export as is"),
     ("fp16", "executorch"): _cell("linear conv embedding",
                                   "weights stored in float16, read as float32 by a parametrization (a cast in the "
                                   "program; compute stays fp32)"),
     ("8da8w", "executorch"): _cell("linear", "torchao Int8DynamicActivationIntxWeightConfig(int8, PerAxis(0))",
-                                   exact=False),
+                                   exact=False, kernels=XNNPACK_QD8_KERNELS),
     ("8da4w", "executorch"): _cell("linear", "torchao Int8DynamicActivationIntxWeightConfig(int4, PerGroup(g))",
-                                   exact=False),
+                                   exact=False, kernels=XNNPACK_QD8_KERNELS),
     # Core ML: coremltools.optimize.coreml on the converted packages.
     # The Core ML exporter always converts with compute_precision=FLOAT16: fp32 and fp16 both give
     # fp16 weights and fp16 compute there (the plan says so in its notes).
@@ -268,6 +296,10 @@ def support_table() -> str:
     lines.append("how each supported cell is done:")
     for (s, f), c in SUPPORT.items():
         lines.append(f"  {s:12} {f:11} {c.how}")
+    lines.append("kernels per CPU (ISA) of the integer cells:")
+    for (s, f), c in SUPPORT.items():
+        if c.kernels != FLOAT_KERNELS:
+            lines.append(f"  {s:12} {f:11} {'' if c.isa_independent else '[DEPENDS ON THE CPU] '}{c.kernels}")
     lines.append("refused cells:")
     for (s, f), why in REFUSED.items():
         lines.append(f"  {s:12} {f:11} {why}")

@@ -523,7 +523,10 @@ def plot(report: SensitivityReport, path: Path, top: int = 30) -> Path:
     ax2.grid(True, which="both", alpha=0.3)
     ax2.legend(fontsize=8)
     fig.tight_layout()
+    from hartkit.fsutil import atomic_file
+
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path

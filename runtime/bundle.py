@@ -21,7 +21,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from hartkit.errors import HartkitError, UsageError
 from hartkit.fsutil import _umask  # read without changing it: unpack may run beside other threads
 from hartkit.loop.plan import MAX_CFG
 from hartkit.loop.schedule import NUM_TRAIN_STEPS, space_timesteps
+from hartkit.runtime.images import snr_db
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
@@ -530,8 +531,10 @@ def _unlisted_files(folder: Path, listed: set[str]) -> list[str]:
     return sorted(extra)
 
 
-def verify_golden(folder: Path, manifest: dict, backend, report: VerifyReport, fmt: str | None = None) -> None:
-    """Run the recorded golden inputs of every graph on ``backend`` and compare within tolerance.
+def verify_golden(folder: Path, manifest: dict, backend, report: VerifyReport, fmt: str | None = None,
+                  graphs: Collection[str] | None = None) -> None:
+    """Run the recorded golden inputs of every graph (or of ``graphs``) on ``backend`` and compare
+    within tolerance; each result records the output's SNR against the golden one in dB.
 
     Quantized bundles keep per-format goldens (``golden.graphs.by_format``): the eager-quantized outputs.
     """
@@ -541,6 +544,8 @@ def verify_golden(folder: Path, manifest: dict, backend, report: VerifyReport, f
         golden = by_format.get(fmt, {}) if fmt else {}
     outputs = {g["name"]: [o["name"] for o in g["outputs"]] for g in manifest["graphs"]}
     for graph, entry in sorted(golden.items()):
+        if graphs is not None and graph not in graphs:
+            continue
         if graph not in outputs:
             report.fail(f"golden {graph}: no such graph in the manifest")
             continue
@@ -557,7 +562,7 @@ def verify_golden(folder: Path, manifest: dict, backend, report: VerifyReport, f
             report.fail(f"golden {graph}: could not run ({exc})")
             continue
         atol, rtol = float(entry.get("atol", 1e-4)), float(entry.get("rtol", 1e-4))
-        worst = 0.0
+        worst, least_snr = 0.0, float("inf")
         ok = True
         for name, ref, out in zip(outputs[graph], refs, got):
             out = np.asarray(out)
@@ -566,12 +571,14 @@ def verify_golden(folder: Path, manifest: dict, backend, report: VerifyReport, f
                 ok = False
                 continue
             err = float(np.abs(out.astype(np.float64) - ref).max(initial=0))
-            worst = max(worst, err)
+            snr = snr_db(ref, out)
+            worst, least_snr = max(worst, err), min(least_snr, snr)
             if err > atol + rtol * float(np.abs(ref).max(initial=0)):
-                report.fail(f"golden {graph}.{name}: max abs error {err:.3e} over the tolerance "
-                            f"(atol {atol:g}, rtol {rtol:g})")
+                report.fail(f"golden {graph}.{name}: {snr:.1f} dB from the golden output, max abs error "
+                            f"{err:.3e} over the tolerance (atol {atol:g}, rtol {rtol:g})")
                 ok = False
-        report.golden.append({"graph": graph, "ok": ok, "max_abs_err": worst})
+        report.golden.append({"graph": graph, "ok": ok, "max_abs_err": worst, "snr_db": least_snr,
+                              "backend": getattr(backend, "name", str(backend))})
 
 
 def verify_loop(folder: Path, manifest: dict, backend: str, report: VerifyReport) -> None:

@@ -26,6 +26,18 @@ def _write_png(image, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def snr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    """Signal-to-noise ratio of ``got`` against ``ref`` in dB (inf when equal, -inf for a zero signal)."""
+    ref64, got64 = np.asarray(ref, dtype=np.float64), np.asarray(got, dtype=np.float64)
+    noise = float(np.sum((ref64 - got64) ** 2))
+    signal = float(np.sum(ref64**2))
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    return 10.0 * float(np.log10(signal / noise))
+
+
 def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
     """Peak signal-to-noise ratio in dB between two images of the same shape (inf when equal)."""
     if a.shape != b.shape:

@@ -140,15 +140,27 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, backend: str = "onnxruntime",
-                    graph_backends: Mapping[str, str] | None = None, verify: bool = True) -> "Pipeline":
-        """Load a bundle; with ``verify`` (default) every file's sha256 is checked against the manifest first."""
+                    graph_backends: Mapping[str, str] | None = None, verify: bool = True,
+                    self_check: bool = True) -> "Pipeline":
+        """Load a bundle.
+
+        ``verify`` (default): every file's sha256 is checked against the manifest first.
+        ``self_check`` (default): the graphs that compute in integers run their golden vectors on this
+        CPU first (:mod:`hartkit.runtime.selfcheck`; a few hundred ms on the demo model, nothing for
+        fp32 bundles); a graph that computes differently here raises ``SelfCheckError`` naming it.
+        """
         from hartkit.runtime.bundle import BundleError, verify_bundle
 
         if verify:
             report = verify_bundle(bundle_dir)
             if not report.ok:
                 raise BundleError(f"{bundle_dir}: bundle does not verify: " + "; ".join(report.problems[:5]))
-        return cls.from_exported(bundle_dir, backend=backend, graph_backends=graph_backends)
+        pipe = cls.from_exported(bundle_dir, backend=backend, graph_backends=graph_backends)
+        if self_check:
+            from hartkit.runtime.selfcheck import check_or_raise
+
+            check_or_raise(Path(bundle_dir), read_export_info(Path(bundle_dir)), pipe.backend)
+        return pipe
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, text_model: str | Path | None = None) -> "Pipeline":

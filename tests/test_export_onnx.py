@@ -67,7 +67,9 @@ def test_runtime_with_the_torch_backend_equals_the_reference(tiny_checkpoint, ti
     ref_img, ref = generate_from_prompts(tiny_model, tiny_text_encoder, [PROMPTS[0]], seed=3)
     img, trace = pipe.generate(PROMPTS[0], seed=3)
     assert all(np.array_equal(a, b) for a, b in zip(ref.tokens, trace.tokens))
-    assert np.array_equal(ref_img[0], img)
+    # Two float paths (eager sampler vs graph wrappers): the same up to rounding, which on some CPUs
+    # moves a pixel across a level boundary (one pixel by one level on an AVX2-only EPYC).
+    assert np.abs(ref_img[0].astype(int) - img.astype(int)).max() <= 1
     assert np.allclose(ref.f_hat, trace.f_hat, atol=1e-4)
 
 
@@ -96,6 +98,30 @@ print("ok", img.shape)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "ok (32, 32, 3)" in res.stdout
+
+
+def test_cli_generate_exported_with_every_option_runs_without_torch(onnx_export, tmp_path):
+    out, _ = onnx_export
+    png = tmp_path / "x.png"
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, Block())
+from hartkit.cli import main
+rc = main(["generate", "--exported", {str(out)!r}, "--backend", "onnxruntime", "--graph-backend",
+           "vae_decode=onnxruntime", "--prompt", "a red circle", "--prompt", "a cat", "--seed", "7", "--cfg", "2",
+           "--top-p", "0.5", "--no-smooth", "--no-self-check", "--out", {str(png)!r}])
+rc2 = main(["bundle", "verify", {str(out)!r}])
+assert "torch" not in sys.modules
+print("rc", rc, rc2)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "rc 0 0" in res.stdout, res.stdout + res.stderr[-3000:]
+    assert (tmp_path / "x-0.png").is_file() and (tmp_path / "x-1.png").is_file()
 
 
 def test_bad_formats_backends_and_folders(onnx_export, tiny_checkpoint, tmp_path, monkeypatch):
@@ -184,7 +210,7 @@ def test_onnxruntime_runs_stage0_on_the_stage_graph_with_an_empty_past(onnx_bund
     old = Pipeline.from_bundle(bundle, backend="onnxruntime")
     image2, trace2 = old.generate(PROMPTS[0], seed=5)
     assert "ar_context" in old.backend.default._sessions
-    assert np.array_equal(image, image2)
+    assert np.abs(image.astype(int) - image2.astype(int)).max() <= 1  # two graphs: equal up to rounding
     assert all(np.array_equal(a, b) for a, b in zip(trace.tokens, trace2.tokens))
 
 

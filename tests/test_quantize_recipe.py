@@ -313,6 +313,8 @@ def test_dynamic_activation_rule_equals_onnxruntime():
 def test_torchao_8da_schemes_quantize_weights_to_the_stated_levels():
     import copy
 
+    pytest.importorskip("torchao", reason="the ExecuTorch schemes need torchao: pip install 'hartkit[executorch]'")
+
     from torchao.quantization import quantize_
 
     from hartkit.quantize.apply import torchao_config
