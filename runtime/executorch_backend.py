@@ -14,14 +14,47 @@ of its arenas (methods of one program share those arenas), so ``.numpy()`` on th
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from hartkit.errors import HartkitError, MissingDependencyError
 
 FORMAT = "executorch"
+# ExecuTorch's threadpool probes the CPU on the first method load and logs each probe to stderr from
+# C++ (no logger to silence): these lines, and only these, are dropped.
+CPUINFO_NOISE = ("[cpuinfo_utils.cpp:",)
+
+
+@contextmanager
+def _without_native_lines(prefixes: tuple[str, ...]) -> Iterator[None]:
+    """Capture file descriptor 2 for the call and write back every line not starting with ``prefixes``
+    (a C++ library writes to the descriptor, below Python's sys.stderr)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, OSError):  # a replaced stderr (pytest's capture, an IDE)
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().decode("utf-8", "replace").splitlines(keepends=True)
+                    if not line.startswith(prefixes)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 DTYPES = {"float32": np.float32, "int64": np.int64}
 
 
@@ -68,7 +101,8 @@ class ExecuTorchBackend:
                 raise HartkitError(f"{self._dir / self._files[graph]}: has no method for graph '{graph}' "
                                    f"(methods: {', '.join(sorted(program.method_names))})")
             try:
-                self._methods[graph] = program.load_method(graph)
+                with _without_native_lines(CPUINFO_NOISE):
+                    self._methods[graph] = program.load_method(graph)
             except RuntimeError as exc:
                 raise HartkitError(f"ExecuTorch could not load method '{graph}': {exc}") from exc
         return self._methods[graph]

@@ -642,3 +642,19 @@ def test_third_party_noise_is_dropped_and_real_messages_kept():
 
 def test_user_errors_are_hartkit_errors():
     assert issubclass(OutputError, HartkitError) and OutputError.exit_code == 2
+
+
+def test_executorchs_native_cpuinfo_lines_are_dropped_and_other_native_lines_kept():
+    """ExecuTorch's C++ threadpool writes its CPU probing to file descriptor 2 on the first method load;
+    the backend drops exactly those lines and writes every other line back."""
+    code = """
+import os, sys
+from hartkit.runtime.executorch_backend import CPUINFO_NOISE, _without_native_lines
+with _without_native_lines(CPUINFO_NOISE):
+    os.write(2, b"[cpuinfo_utils.cpp:87] Failed to open midr file /sys/devices/soc0/image_version\\n")
+    os.write(2, b"a real native error\\n")
+print("done", flush=True)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "done" in res.stdout, res.stderr
+    assert "a real native error" in res.stderr and "cpuinfo_utils" not in res.stderr
