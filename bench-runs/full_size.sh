@@ -12,6 +12,6 @@ CK=${CK:-/tmp/hart-0.7b}
 WORK=${WORK:-/tmp/hart-0.7b-bench}
 [ -f "$CK/llm/config.json" ] || hartkit init-checkpoint "$CK" --preset hart-0.7b-1024px
 hartkit bench --checkpoint "$CK" --recipes fp32,laptop,phone --format onnx,executorch \
-  --resolution 256 --work "$WORK" --runs 1 --out benchmarks/results/hart-0.7b-256px
+  --resolution 256 --work "$WORK" --runs 1 --out bench-runs/results/hart-0.7b-256px
 hartkit bench --checkpoint "$CK" --recipes fp32 --format onnx --resolution 1024 --work "$WORK" \
-  --runs 1 --out benchmarks/results/hart-0.7b-1024px
+  --runs 1 --out bench-runs/results/hart-0.7b-1024px

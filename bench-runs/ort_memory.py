@@ -1,6 +1,6 @@
 """Before/after of the onnxruntime runtime's memory settings, side by side on one bundle.
 
-    python benchmarks/ort_memory.py BUNDLE [--runs 2]
+    python bench-runs/ort_memory.py BUNDLE [--runs 2]
 
 Each setting runs in a fresh process (peak RSS = VmHWM of that process): two generations of one prompt,
 the second one timed. Settings (runtime/backends.py, OnnxRuntimeBackend):
