@@ -258,7 +258,7 @@ def time_generation(pipe, runs: int, seed: int = 0) -> tuple[float, dict, np.nda
 def fidelity(image: np.ndarray, tokens: Sequence[np.ndarray], ref_image: np.ndarray,
              ref_tokens: Sequence[np.ndarray]) -> dict:
     """Image PSNR against the fp32 reference (same seed) and the first stage whose tokens differ."""
-    from hartkit.runtime.images import psnr
+    from hartkit.loop.metrics import psnr
 
     first = next((si for si, (a, b) in enumerate(zip(tokens, ref_tokens))
                   if not np.array_equal(np.asarray(a).reshape(-1), np.asarray(b)[:1].reshape(-1))), None)

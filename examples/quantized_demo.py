@@ -50,7 +50,7 @@ def table(report: dict) -> str:
     def top1(row):
         return f"{row['summary']['tf_top1_min']:.2f}"
 
-    def psnr(row):
+    def image_psnr(row):
         v = row["summary"].get("image_psnr_db_min")
         return "equal images" if v in (None, "inf") or (isinstance(v, float) and math.isinf(v)) else f"{v:.1f} dB"
 
@@ -66,7 +66,7 @@ def table(report: dict) -> str:
             f"| onnxruntime / ExecuTorch {names[recipe]} | {pair(recipe, caption)}"
             f" | {pair(recipe, top1)}"
             f" | {pair(recipe, agree)}"
-            f" | {pair(recipe, psnr)} |")
+            f" | {pair(recipe, image_psnr)} |")
     return "\n".join(lines)
 
 

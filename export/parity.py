@@ -9,7 +9,7 @@ from typing import Mapping
 import numpy as np
 
 from hartkit.errors import HartkitError
-from hartkit.runtime.images import snr_db  # noqa: F401 (the one definition; importers use it from here too)
+from hartkit.loop.metrics import max_abs_err, snr_db
 
 
 class ParityError(HartkitError):
@@ -70,7 +70,7 @@ def compare_outputs(names: list[str], ref: list[np.ndarray], got: list[np.ndarra
         if tuple(r.shape) != tuple(g.shape):
             out.append(OutputParity(name, list(g.shape), math.inf, float(np.abs(r).max(initial=0)), -math.inf, False))
             continue
-        err = float(np.abs(r.astype(np.float64) - g.astype(np.float64)).max(initial=0))
+        err = max_abs_err(r, g)
         peak = float(np.abs(r).max(initial=0))
         snr = snr_db(r, g)
         bound = max(atol, IMAGE_ATOL) if name in IMAGE_OUTPUTS else atol

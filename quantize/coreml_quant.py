@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from hartkit.errors import HartkitError
-from hartkit.export.parity import GraphParity, OutputParity, compare_outputs, snr_db
+from hartkit.export.parity import GraphParity, OutputParity, compare_outputs
+from hartkit.loop.metrics import snr_db
 from hartkit.quantize.layers import layer_modules
 from hartkit.quantize.schemes import Scheme
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from hartkit.errors import UsageError
+from hartkit.loop.metrics import kl_divergence, nmse
 from hartkit.quantize import fakequant as fq
 from hartkit.quantize.calibration import CalibrationSet
 from hartkit.quantize.layers import LayerTable, discover, layer_modules
@@ -160,22 +161,6 @@ class Quantizer:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _nmse(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
-    noise = sum(float(np.sum((r.astype(np.float64) - g.astype(np.float64)) ** 2)) for r, g in zip(ref, got))
-    signal = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref)
-    return noise / signal if signal > 0 else (0.0 if noise == 0 else math.inf)
-
-
-def _kl(ref: np.ndarray, got: np.ndarray) -> float:
-    def logsoftmax(x):
-        x = x.astype(np.float64)
-        x = x - x.max(axis=-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-    lp, lq = logsoftmax(ref), logsoftmax(got)
-    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
-
-
 class Evaluator:
     """Runs graphs and the teacher-forced AR chain on a calibration set, against fp32 references."""
 
@@ -218,7 +203,7 @@ class Evaluator:
             raise RuntimeError(f"graph {graph}: call prepare() first")
         got = [self.run(graph, f) for f in self._graph_feeds[graph]]
         ref = self._graph_ref[graph]
-        return _nmse([a for r in ref for a in r], [a for g in got for a in g])
+        return nmse([a for r in ref for a in r], [a for g in got for a in g])
 
     def _chain(self, prompt: int, reference: bool = False) -> list[np.ndarray]:
         """Teacher-forced stage logits of one prompt (the recorded tokens' inputs at every stage).
@@ -284,8 +269,8 @@ class Evaluator:
             for a, b in zip(self._chain_ref[p], lg):
                 ref.append(a)
                 got.append(b)
-                kls.append(_kl(a, b))
-        return _nmse(ref, got), float(np.mean(kls)) if kls else 0.0
+                kls.append(float(np.mean(kl_divergence(a, b))))
+        return nmse(ref, got), float(np.mean(kls)) if kls else 0.0
 
 
 def _f32(v: np.ndarray) -> np.ndarray:

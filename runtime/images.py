@@ -7,6 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+# runtime/bundle.py and the CLI still import these two from here; they go once both have moved.
+from hartkit.loop.metrics import psnr, snr_db  # noqa: F401
+
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     """Write a uint8 [H, W, 3] image atomically (temp file + rename)."""
@@ -24,26 +27,6 @@ def _write_png(image, path: str | os.PathLike) -> Path:
     with atomic_file(path) as tmp:
         image.save(tmp, format="PNG")
     return Path(path)
-
-
-def snr_db(ref: np.ndarray, got: np.ndarray) -> float:
-    """Signal-to-noise ratio of ``got`` against ``ref`` in dB (inf when equal, -inf for a zero signal)."""
-    ref64, got64 = np.asarray(ref, dtype=np.float64), np.asarray(got, dtype=np.float64)
-    noise = float(np.sum((ref64 - got64) ** 2))
-    signal = float(np.sum(ref64**2))
-    if noise == 0:
-        return float("inf")
-    if signal == 0:
-        return float("-inf")
-    return 10.0 * float(np.log10(signal / noise))
-
-
-def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
-    """Peak signal-to-noise ratio in dB between two images of the same shape (inf when equal)."""
-    if a.shape != b.shape:
-        raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(peak * peak / mse)
 
 
 def caption_grid(images: np.ndarray, captions: list[str], path: str | os.PathLike, cols: int = 5, scale: int = 2) -> Path:

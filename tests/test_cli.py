@@ -59,7 +59,7 @@ def test_demo_shows_reference_export_runtime_and_report(tmp_path):
     demo = tmp_path / "demo"
     assert (demo / "demo.png").is_file() and (demo / "bundle-onnx" / "manifest.json").is_file()
     # Same tokens -> the same image up to float rounding before the uint8 truncation.
-    from hartkit.runtime.images import psnr
+    from hartkit.loop.metrics import psnr
 
     ref, rt = (np.asarray(Image.open(demo / name)) for name in ("demo.png", "demo-onnxruntime.png"))
     assert psnr(ref, rt) >= 40.0

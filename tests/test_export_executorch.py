@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("executorch")
 
 from hartkit.errors import HartkitError  # noqa: E402
-from hartkit.runtime.images import psnr  # noqa: E402
+from hartkit.loop.metrics import psnr  # noqa: E402
 from hartkit.runtime.pipeline import Pipeline, read_export_info  # noqa: E402
 
 PROMPT = "a red circle above a blue square"

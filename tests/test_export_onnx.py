@@ -18,7 +18,7 @@ import pytest
 
 from hartkit.errors import HartkitError, MissingDependencyError, UsageError
 from hartkit.export.exporter import export_checkpoint, parse_formats
-from hartkit.runtime.images import psnr
+from hartkit.loop.metrics import psnr
 from hartkit.runtime.pipeline import Pipeline
 
 PROMPTS = ["a red circle above a blue square", "a green triangle on a white background"]

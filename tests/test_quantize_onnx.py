@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 import pytest
 
-from hartkit.export.parity import snr_db
+from hartkit.loop.metrics import snr_db
 
 CELLS = {
     "text_encoder": ["fp16", "int8", "int4", "w8a8", "w8a8_static", "8da8w", "8da4w"],

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from hartkit.errors import HartkitError, UsageError
-from hartkit.validate import metrics as M
+from hartkit.loop import metrics as M
 from hartkit.validate import thresholds as T
 from hartkit.validate.core import DEFAULT_PROMPTS, parse_seeds, read_prompts, run_references, validate
 from hartkit.validate.references import Autocast16Backend, References
 from hartkit.validate.report import report_dict, write_report
 
-PROMPT = DEFAULT_PROMPTS[0]  # a scene caption, so issue 7's caption scorer can read it
+PROMPT = DEFAULT_PROMPTS[0]  # a scene caption, so the caption scorer can read it
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -392,7 +392,7 @@ def test_int4_recipe_scores_below_int8(tiny_checkpoint, reference_runs, tmp_path
 
 
 def test_image_psnr_pools_the_error_so_one_identical_image_does_not_hide_the_others():
-    from hartkit.validate.core import pooled_psnr
+    from hartkit.loop.metrics import pooled_psnr
 
     assert pooled_psnr([math.inf, math.inf]) == math.inf
     assert pooled_psnr([30.0]) == pytest.approx(30.0)

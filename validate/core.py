@@ -14,7 +14,7 @@ For a fixed set of prompts x seeds:
      residual diffusion head's output (same tokens, same noise draws) against the reference's;
    - *free-running*: the row generates on its own with the same seed; token agreement per stage,
      the first stage whose tokens differ, and the final image's PSNR/SSIM vs the fp32 and fp16 images;
-   - *caption accuracy* of the free-running images when issue 7's scorer
+   - *caption accuracy* of the free-running images when the caption scorer
      (:mod:`hartkit.validate.caption_score`) is installed and the prompts are scene captions;
 3. the bars of :mod:`hartkit.validate.thresholds` turn the numbers into pass/fail.
 
@@ -33,11 +33,11 @@ import numpy as np
 from hartkit.errors import HartkitError, MissingDependencyError, UsageError
 from hartkit.export.exporter import RecordingBackend
 from hartkit.runtime.pipeline import Pipeline, RuntimeTrace
-from hartkit.validate import metrics as M
+from hartkit.loop import metrics as M
 from hartkit.validate.references import References
 from hartkit.validate.thresholds import Failure, misses, resolve
 
-# Scene captions (issue 7's grammar, so the caption scorer can read them) with one and two shapes.
+# Scene captions (validate.scenes' grammar, so the caption scorer can read them) with one and two shapes.
 DEFAULT_PROMPTS = (
     "a red circle above a blue square on a yellow background",
     "a green triangle on a white background",
@@ -201,11 +201,11 @@ class Row:
             "free_token_agreement_min": min((s.free_token_agreement for s in self.stages), default=None),
             "first_divergent_stage": self.first_divergent_stage,
             "residual_snr_db_min": min(r.residual_snr_db for r in runs),
-            "image_psnr_db_min": pooled_psnr([r.image_psnr_db for r in runs]),
+            "image_psnr_db_min": M.pooled_psnr([r.image_psnr_db for r in runs]),
             "image_ssim_min": _mean([r.image_ssim for r in runs]),
-            "image_psnr_vs_fp16_db_min": pooled_psnr([r.image_psnr_vs_fp16_db for r in runs]),
+            "image_psnr_vs_fp16_db_min": M.pooled_psnr([r.image_psnr_vs_fp16_db for r in runs]),
             "image_ssim_vs_fp16_min": _mean([r.image_ssim_vs_fp16 for r in runs]),
-            "tf_image_psnr_db": pooled_psnr([r.tf_image_psnr_db for r in runs]),
+            "tf_image_psnr_db": M.pooled_psnr([r.tf_image_psnr_db for r in runs]),
         }
         if self.caption is not None:
             out["caption_accuracy"] = self.caption["accuracy"]
@@ -225,17 +225,6 @@ class Row:
             "caption": self.caption, "notes": self.notes,
             "failures": [x.to_json() for x in self.failures],
         }
-
-
-def pooled_psnr(values: Sequence[float | None]) -> float | None:
-    """PSNR of the mean squared error over runs, from per-run PSNRs (the peak cancels). A plain mean
-    of PSNRs is inf as soon as one image is identical (inf dB), hiding the runs that differ; this is
-    inf only when every image is identical."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None
-    mse = float(np.mean([0.0 if math.isinf(v) else 10.0 ** (-v / 10.0) for v in vals]))
-    return math.inf if mse == 0.0 else -10.0 * math.log10(mse)
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -325,7 +314,7 @@ def run_references(refs: References, prompts: Sequence[str] = DEFAULT_PROMPTS, s
 
 def caption_accuracy(images: Sequence[np.ndarray], prompts: Sequence[str], notes: list[str] | None = None,
                      ) -> dict | None:
-    """Issue 7's caption accuracy over the prompts that are scene captions; None when unavailable."""
+    """Caption accuracy over the prompts that are scene captions; None when the scorer is unavailable."""
     try:
         from hartkit.validate import caption_score, scenes
     except ImportError as exc:

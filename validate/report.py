@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from hartkit import __version__
+from hartkit.loop.metrics import finite_or_none
 from hartkit.validate.core import ValidationReport
-from hartkit.validate.metrics import finite_or_none
 from hartkit.validate.thresholds import THRESHOLDS, misses
 
 REPORT_SCHEMA = "hartkit.validate/1"

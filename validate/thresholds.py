@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from hartkit.errors import UsageError
+from hartkit.loop.metrics import finite_or_none
 
 # name -> (default, what it bounds). Keep this table the one place defaults are written.
 THRESHOLDS: dict[str, tuple[float | None, str]] = {
@@ -48,7 +49,7 @@ THRESHOLDS: dict[str, tuple[float | None, str]] = {
     "image_ssim_vs_fp16_min": (
         None, "free-running: SSIM of the final image vs the fp16 reference image, mean (off by default)"),
     "caption_accuracy_drop_max": (
-        0.25, "caption accuracy (issue 7's scorer, when present) may fall at most this much below fp32's"),
+        0.25, "caption accuracy (validate.caption_score's, when present) may fall at most this much below fp32's"),
 }
 
 DEFAULTS: dict[str, float | None] = {name: default for name, (default, _) in THRESHOLDS.items()}
@@ -131,8 +132,6 @@ class Failure:
                 + (f" — {self.detail}" if self.detail else ""))
 
     def to_json(self) -> dict:
-        from hartkit.validate.metrics import finite_or_none
-
         return {"row": self.row, "metric": self.metric, "stage": self.stage, "graph": self.graph,
                 "value": finite_or_none(self.value), "threshold": finite_or_none(self.threshold),
                 "message": self.message()}

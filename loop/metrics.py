@@ -1,9 +1,15 @@
-"""The numbers ``hartkit validate`` reports, in numpy (float64 accumulation; no torch).
+"""Every error metric hartkit reports, in numpy (float64 accumulation; no torch).
 
-Tensors:  ``max_abs_err``, ``cosine`` (of the flattened arrays), ``snr_db`` (signal = reference).
+Export parity, quantization, bundle verification, the runtime's self-check, ``hartkit validate``,
+``hartkit bench`` and the demo model's training all compare arrays; they import the formulas from
+here so that a number means the same thing wherever it is printed.
+
+Tensors:  ``max_abs_err``, ``cosine`` (of the flattened arrays), ``snr_db`` (signal = reference),
+          ``nmse`` (noise over signal power, pooled over several arrays).
 Logits:   ``kl_divergence`` KL(P_ref || P_cand) of the softmaxes, ``top1_agreement``, ``topk_overlap``.
 Tokens:   ``token_agreement`` (share of equal indices), ``first_divergent_stage``.
-Images:   ``psnr`` (peak 255) and ``ssim`` (Wang et al. 2004, gaussian window).
+Images:   ``psnr`` (peak 255), ``pooled_psnr`` (over runs), ``ssim`` (Wang et al. 2004, gaussian window).
+JSON:     ``finite_or_none`` spells the infinities these return.
 """
 
 from __future__ import annotations
@@ -13,11 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
-from hartkit.export.parity import snr_db
-from hartkit.runtime.images import psnr
-
-__all__ = ["max_abs_err", "cosine", "snr_db", "kl_divergence", "top1_agreement", "topk_overlap", "topk_overlaps",
-           "token_agreement", "first_divergent_stage", "psnr", "ssim", "log_softmax"]
+__all__ = ["max_abs_err", "cosine", "snr_db", "nmse", "log_softmax", "kl_divergence", "top1_agreement",
+           "topk_overlap", "topk_overlaps", "token_agreement", "first_divergent_stage", "psnr", "psnr_from_mse",
+           "pooled_psnr", "ssim", "finite_or_none"]
 
 # SSIM constants of Wang, Bovik, Sheikh & Simoncelli (2004), as in scikit-image's
 # ``structural_similarity(..., gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``.
@@ -29,6 +33,9 @@ SSIM_K1, SSIM_K2 = 0.01, 0.03
 def _check_shapes(ref: np.ndarray, got: np.ndarray) -> None:
     if ref.shape != got.shape:
         raise ValueError(f"shape mismatch: {ref.shape} vs {got.shape}")
+
+
+# ----------------------------------------------------------------------------- tensors
 
 
 def max_abs_err(ref: np.ndarray, got: np.ndarray) -> float:
@@ -44,6 +51,29 @@ def cosine(ref: np.ndarray, got: np.ndarray) -> float:
     if na == 0.0 or nb == 0.0:
         return 1.0 if na == nb else 0.0
     return float(np.dot(a, b) / (na * nb))
+
+
+def snr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    """Signal-to-noise ratio of ``got`` against ``ref`` in dB (inf when equal, -inf for a zero signal)."""
+    ref64, got64 = np.asarray(ref, dtype=np.float64), np.asarray(got, dtype=np.float64)
+    noise = float(np.sum((ref64 - got64) ** 2))
+    signal = float(np.sum(ref64**2))
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    return 10.0 * float(np.log10(signal / noise))
+
+
+def nmse(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
+    """Noise power over signal power, each summed over every pair of arrays (0 when equal, inf for a
+    zero signal): one number for a graph's outputs over several calls, comparable across graphs."""
+    noise = sum(float(np.sum((r.astype(np.float64) - g.astype(np.float64)) ** 2)) for r, g in zip(ref, got))
+    signal = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref)
+    return noise / signal if signal > 0 else (0.0 if noise == 0 else math.inf)
+
+
+# ----------------------------------------------------------------------------- logits and tokens
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -93,6 +123,33 @@ def first_divergent_stage(ref_tokens: Sequence[np.ndarray], got_tokens: Sequence
     return None
 
 
+# ----------------------------------------------------------------------------- images
+
+
+def psnr_from_mse(mse: float, peak: float = 255.0) -> float:
+    """PSNR in dB of a mean squared error at ``peak`` (inf for no error). The training loop feeds it
+    a torch MSE, so the formula exists once for arrays and tensors alike."""
+    return float("inf") if mse == 0 else 10.0 * np.log10(peak * peak / mse)
+
+
+def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
+    """Peak signal-to-noise ratio in dB between two images of the same shape (inf when equal)."""
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
+    return psnr_from_mse(float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)), peak)
+
+
+def pooled_psnr(values: Sequence[float | None]) -> float | None:
+    """PSNR of the mean squared error over runs, from per-run PSNRs (the peak cancels). A plain mean
+    of PSNRs is inf as soon as one image is identical (inf dB), hiding the runs that differ; this is
+    inf only when every image is identical."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    mse = float(np.mean([0.0 if math.isinf(v) else 10.0 ** (-v / 10.0) for v in vals]))
+    return math.inf if mse == 0.0 else -10.0 * math.log10(mse)
+
+
 def _gaussian_taps(radius: int, sigma: float) -> np.ndarray:
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     w = np.exp(-0.5 * (x / sigma) ** 2)
@@ -135,6 +192,9 @@ def ssim(ref: np.ndarray, got: np.ndarray, data_range: float = 255.0) -> float:
         s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
         scores.append(float(s.mean()))
     return float(np.mean(scores))
+
+
+# ----------------------------------------------------------------------------- JSON
 
 
 def finite_or_none(value: float | None) -> float | str | None:
