@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The exact sequence of runs that produced assets/demo (see assets/demo/README.md), then its evaluation.
 # Each stage continues from the previous one's weights; intermediate checkpoints go to runs/.
-# One thread per run: on a shared 2-core machine that is faster than two (see train_tiny_hart.py).
+# One thread per run: on a shared 2-core machine that is faster than two (train/__init__.py says why).
 # Wall time: the tokenizer runs 1-4 about 80 min on one CPU thread, the transformer runs 5-6 11 min on
 # one GPU, run 7 about an hour on one CPU thread (assets/demo/README.md has each run's time and device).
 set -euo pipefail

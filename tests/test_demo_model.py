@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,12 @@ from hartkit.model.checkpoint import build_hart, load_hart
 from hartkit.model.presets import get_preset
 from hartkit.model.sampler import SamplerOptions, generate_from_prompts
 from hartkit.model.text_encoder import TextEncoder
+from hartkit.train import demo_eval as evaluator
+from hartkit.train.config import TrainConfig, parse_args, shaped_preset
+from hartkit.train.diffusion import DiffusionTrainingLoss
+from hartkit.train.run import previous_stages, train
+from hartkit.train.schedule import StepBudget
+from hartkit.train.transformer import block_causal_bias, init_transformer, rope_tables
 from hartkit.validate import caption_score, scenes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,14 +40,9 @@ def _load_script(name: str):
 
 
 @pytest.fixture(scope="module")
-def train_script():
-    return _load_script("train_tiny_hart")
-
-
-@pytest.fixture(scope="module")
 def demo():
     if not (DEMO / "llm" / "config.json").is_file():
-        pytest.skip("assets/demo is not shipped yet: the demo model's training run has not landed (issue 7)")
+        pytest.skip("assets/demo is not shipped yet: the demo model's training run has not landed")
     model = load_hart(DEMO)
     encoder = TextEncoder.from_pretrained(DEMO / "text_model")
     return model, encoder
@@ -100,7 +102,6 @@ def test_teacher_forcing_separates_reading_from_painting(demo):
     left to the model then, still hears the wrong caption; with the right one, 94 % on 100
     prompts, assets/demo/README.md). Chance for a whole caption: 0.3 %."""
     model, encoder = demo
-    evaluator = _load_script("eval_demo_model")
     scenes_drawn = scenes.heldout_prompts(100)[9::6][:15]  # two-shape captions
     told = scenes_drawn[1:] + scenes_drawn[:1]  # every prompt names another scene
     tokens = evaluator.scene_tokens(model, scenes_drawn, 0)
@@ -115,26 +116,26 @@ def test_teacher_forcing_separates_reading_from_painting(demo):
 # ----------------------------------------------------------------------------- training pieces
 
 
-def test_block_causal_bias_is_upstreams_mask(train_script):
+def test_block_causal_bias_is_upstreams_mask():
     spec = get_preset("tiny")
     tr = build_hart(spec.hart, spec.vae).transformer
     T, pns = spec.hart.context_token, spec.hart.patch_nums
     # upstream: d = [0]*T + [i+1]*pn^2 for the scales after the first; allowed iff d[q] >= d[k]
     d = [0] * T + [i + 1 for i, pn in enumerate(pns[1:]) for _ in range(pn * pn)]
-    bias = train_script.block_causal_bias(tr)
+    bias = block_causal_bias(tr)
     assert bias.shape == (1, 1, len(d), len(d))
     for q in range(0, len(d), 7):
         for k in range(0, len(d), 5):
             assert bias[0, 0, q, k].item() == (0.0 if d[q] >= d[k] else -math.inf)
 
 
-def test_masked_full_sequence_equals_staged_kv_cache_inference(train_script):
+def test_masked_full_sequence_equals_staged_kv_cache_inference():
     """Training's one masked pass over the teacher-forced sequence computes what the sampler's
     stage-by-stage loop with a KV cache computes (so the trained weights mean the same thing)."""
     spec = get_preset("tiny")
     torch.manual_seed(0)
     model = build_hart(spec.hart, spec.vae)
-    train_script.init_transformer(model.transformer)
+    init_transformer(model.transformer)
     tr = model.transformer
     with torch.no_grad():  # make the blocks do something (upstream init gates them shut)
         for blk in tr.blocks:
@@ -144,10 +145,10 @@ def test_masked_full_sequence_equals_staged_kv_cache_inference(train_script):
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 5:] = False
     positions = np.cumsum(mask.numpy(), axis=1) - 1
-    cos, sin = train_script.rope_tables(tr, positions)
+    cos, sin = rope_tables(tr, positions)
     mods, _ = tr.modulations(torch.randn(B, T, tr.C), mask)
     with torch.no_grad():
-        full, _, _ = tr.blocks_forward(x, mods, cos, sin, None, None, attn_bias=train_script.block_causal_bias(tr))
+        full, _, _ = tr.blocks_forward(x, mods, cos, sin, None, None, attn_bias=block_causal_bias(tr))
         bounds = tr.stage_offsets + [seq]
         past_k = past_v = None
         for si in range(len(bounds) - 1):
@@ -164,8 +165,8 @@ def _alpha_bar(t: float) -> float:
     return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
 
-def test_diffusion_loss_terms(train_script):
-    loss = train_script.DiffusionTrainingLoss()
+def test_diffusion_loss_terms():
+    loss = DiffusionTrainingLoss()
     N, C = 6, 4
     x0 = torch.rand(N, C) * 1.6 - 0.8
     noise = torch.randn(N, C)
@@ -206,11 +207,11 @@ def test_diffusion_loss_terms(train_script):
         assert vb[i].item() == pytest.approx(kl.mean().item() / math.log(2), rel=2e-3, abs=1e-5)
 
 
-def test_training_smoke_run_writes_a_loadable_checkpoint(train_script, tmp_path):
-    cfg = train_script.TrainConfig.smoke(str(tmp_path / "ckpt"))
+def test_training_smoke_run_writes_a_loadable_checkpoint(tmp_path):
+    cfg = TrainConfig.smoke(str(tmp_path / "ckpt"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = train_script.train(cfg)
+        out = train(cfg)
     log = json.loads((out / "training.json").read_text())
     assert len(log["transformer_history"]) >= 1 and len(log["tokenizer_history"]) >= 1
     assert all(math.isfinite(h["loss"]) for h in log["transformer_history"])
@@ -226,7 +227,6 @@ def test_training_smoke_run_writes_a_loadable_checkpoint(train_script, tmp_path)
     assert int(ids.mask.sum()) == 7
 
     # the evaluator chooses the guidance on training prompts, records it, and scores held-out at it
-    evaluator = _load_script("eval_demo_model")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert evaluator.main(["--checkpoint", str(out), "--n", "4", "--batch", "4", "--threads", "1",
@@ -238,16 +238,16 @@ def test_training_smoke_run_writes_a_loadable_checkpoint(train_script, tmp_path)
     assert "chosen on 4 *training* prompts" in (out / "README.md").read_text()
 
 
-def test_time_budget_records_a_replayable_step_count(train_script, tmp_path):
+def test_time_budget_records_a_replayable_step_count(tmp_path):
     """--ar-seconds picks the transformer's step count at the end of the warm-up from the measured speed;
     training.json then holds that count as ar_steps (no budget), so the same command with --ar-steps
     replays the schedule; parse_args takes --device and --ar-seconds."""
-    cfg = train_script.parse_args(["--smoke", "--out", str(tmp_path / "ckpt"), "--ar-seconds", "1",
-                                   "--ar-steps", "100000", "--warmup", "6", "--vae-steps", "1", "--device", "cpu"])
+    cfg = parse_args(["--smoke", "--out", str(tmp_path / "ckpt"), "--ar-seconds", "1",
+                      "--ar-steps", "100000", "--warmup", "6", "--vae-steps", "1", "--device", "cpu"])
     assert (cfg.ar_seconds, cfg.device, cfg.ar_steps) == (1.0, "cpu", 100000)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = train_script.train(cfg)
+        out = train(cfg)
     log = json.loads((out / "training.json").read_text())
     chosen = log["ar_seconds_chosen_steps"]
     assert 6 < chosen < 100000 and log["ar_seconds_requested"] == 1.0
@@ -256,39 +256,39 @@ def test_time_budget_records_a_replayable_step_count(train_script, tmp_path):
     assert log["transformer_history"][-1]["step"] == chosen - 1
 
 
-def test_step_budget_turns_the_measured_rate_into_steps(train_script, monkeypatch):
+def test_step_budget_turns_the_measured_rate_into_steps(monkeypatch):
     cpu = torch.device("cpu")
     for cap, expected in ((1000, 40), (20, 20)):
         clock = iter([100.0, 101.0, 102.0])  # start, mark at warm-up/2, end of warm-up
-        monkeypatch.setattr(train_script.time, "time", lambda: next(clock))
-        budget = train_script.StepBudget(10.0, warmup=8)
+        monkeypatch.setattr(time, "time", lambda: next(clock))
+        budget = StepBudget(10.0, warmup=8)
         budget.tick(3, cpu)  # not the mark
         budget.tick(4, cpu)
         # 4 steps in 1 s, 8 s left -> 32 more steps after step 8, unless the cap (--ar-steps) is lower
         assert budget.steps(8, cap, cpu) == expected
     with pytest.raises(SystemExit, match="--warmup"):
-        train_script.StepBudget(10.0, warmup=2)
+        StepBudget(10.0, warmup=2)
 
 
-def test_training_shape_overrides_reach_the_checkpoint(train_script, tmp_path):
+def test_training_shape_overrides_reach_the_checkpoint(tmp_path):
     """--embed-dim/--depth/--num-heads/--text-layers change the model that is trained and written."""
     from dataclasses import replace
 
-    cfg = replace(train_script.TrainConfig.smoke(str(tmp_path / "ckpt")), embed_dim=48, depth=3, num_heads=3,
+    cfg = replace(TrainConfig.smoke(str(tmp_path / "ckpt")), embed_dim=48, depth=3, num_heads=3,
                   text_layers=3, text_lr=1e-3, vae_steps=1, ar_steps=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = train_script.train(cfg)
+        out = train(cfg)
     model = load_hart(out)
     assert (model.cfg.embed_dim, model.cfg.depth, model.cfg.num_heads) == (48, 3, 3)
     assert TextEncoder.from_pretrained(out / "text_model").config.num_hidden_layers == 3
     card = (out / "README.md").read_text()
     assert "trained jointly" in card and "frozen" not in card  # --text-lr > 0 trains the text model
     with pytest.raises(SystemExit, match="multiple of"):
-        train_script.shaped_preset(replace(cfg, embed_dim=50))
+        shaped_preset(replace(cfg, embed_dim=50))
 
 
-def test_provenance_takes_only_the_tokenizer_runs_of_a_tokenizer_source(train_script, tmp_path):
+def test_provenance_takes_only_the_tokenizer_runs_of_a_tokenizer_source(tmp_path):
     """--tokenizer-from a whole checkpoint brings the runs that trained its tokenizer, not the transformer
     runs that followed them; --transformer-from brings the whole history."""
     def run(name: str, **config) -> str:
@@ -296,7 +296,7 @@ def test_provenance_takes_only_the_tokenizer_runs_of_a_tokenizer_source(train_sc
         folder.mkdir()
         full = {"vae_steps": 0, "ar_steps": 0, "tokenizer_from": None, "transformer_from": None, **config}
         log = {"config": {"out": name, **full}}
-        log["stages"] = train_script.previous_stages(log)  # as train() records it
+        log["stages"] = previous_stages(log)  # as train() records it
         (folder / "training.json").write_text(json.dumps(log))
         return str(folder)
 
@@ -305,7 +305,7 @@ def test_provenance_takes_only_the_tokenizer_runs_of_a_tokenizer_source(train_sc
     ar2 = run("ar2", tokenizer_from=tok, transformer_from=ar1, ar_steps=5)
 
     def names(**config) -> list[str]:
-        return [stage["config"]["out"] for stage in train_script.previous_stages({"config": config})]
+        return [stage["config"]["out"] for stage in previous_stages({"config": config})]
 
     assert names(tokenizer_from=ar2) == ["tok"]
     assert names(tokenizer_from=ar2, transformer_from=ar2) == ["tok", "ar1", "ar2"]
