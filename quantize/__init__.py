@@ -15,9 +15,8 @@ apply              :class:`~.apply.QuantizedExport`, what ``export_checkpoint(re
 calibration        real graph inputs recorded from the reference loop over a prompt set (.npz)
 sensitivity        per-layer sensitivity, mixed precision under a size budget, the plot
 sizes              bytes per layer per (scheme, format): budgets and size checks
-cli                ``hartkit quantize`` and ``hartkit sensitivity``
 =================  ===========================================================================
 
-Import cost: only ``cli`` is imported by ``hartkit --help``; the rest loads torch and the format
-libraries lazily.
+The ``hartkit quantize`` and ``hartkit sensitivity`` verbs live in ``hartkit.cli.quantize``; nothing
+here imports the command line. Modules load torch and the format libraries lazily.
 """

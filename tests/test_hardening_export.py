@@ -617,7 +617,7 @@ def test_messages(tmp_path, capsys):
 
 
 def test_third_party_noise_is_dropped_and_real_messages_kept():
-    from hartkit.cli import _quiet_third_party
+    from hartkit.cli.options import quiet_third_party as _quiet_third_party
 
     _quiet_third_party()
     seen = []

@@ -1,8 +1,5 @@
-"""``hartkit quantize`` and ``hartkit sensitivity`` (registered by the main CLI's parser).
-
-Only argparse at import time: the heavy libraries load inside the commands, so ``hartkit --help``
-stays fast.
-"""
+"""``hartkit quantize`` and ``hartkit sensitivity``: recipes listed, dry-run or exported; per-layer sensitivity
+and a mixed recipe under a size budget."""
 
 from __future__ import annotations
 
@@ -10,6 +7,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from hartkit.cli.options import add_bundle_options, add_checkpoint_options, add_export_options
 
 
 def _csv(text: str) -> list[str]:
@@ -26,19 +25,8 @@ def _positive(text: str) -> float:
     return value
 
 
-def add_export_options(p: argparse.ArgumentParser) -> None:
-    """``--recipe`` and ``--calibration`` (on ``hartkit export`` and ``hartkit quantize``)."""
-    p.add_argument("--recipe", metavar="NAME|FILE",
-                   help="quantization recipe: a preset (laptop, phone, fp16, fp32) or a .json/.yaml file; "
-                        "`hartkit quantize --list` shows the presets and what each format supports")
-    p.add_argument("--calibration", metavar="FILE",
-                   help="calibration data for static schemes: a prompt file (one per line) or a .npz from "
-                        "`hartkit sensitivity` (default: the built-in prompt set)")
-
-
-def add_parsers(sub) -> None:
-    from hartkit.cli import add_bundle_options, add_checkpoint_options
-
+def add_parser(sub) -> None:
+    """Both verbs: ``quantize`` then ``sensitivity``."""
     p = sub.add_parser(
         "quantize", help="export a checkpoint with a quantization recipe (or list / dry-run recipes)",
         description="Quantize and export: `hartkit quantize --checkpoint DIR --recipe phone --format onnx --out OUT` "
@@ -74,9 +62,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--base", metavar="NAME|FILE", help="recipe for the components not analysed (default: fp32)")
     p.add_argument("--threads", type=int, help="torch threads (small models run fastest on 1; default: torch's)")
     p.set_defaults(func=cmd_sensitivity)
-
-
-# ----------------------------------------------------------------------------- commands
 
 
 def _load(checkpoint: str, text_model: str | None):
@@ -119,7 +104,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return _dry_run(args)
     if not args.out:
         raise UsageError("give --out DIR (or --dry-run)")
-    from hartkit.cli import cmd_export
+    from hartkit.cli.export import cmd_export
 
     return cmd_export(args)
 
