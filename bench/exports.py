@@ -25,12 +25,10 @@ def bundle_dir(work: Path, recipe: str, fmt: str, resolution: int | None) -> Pat
 
 
 def _matches(bundle: Path, recipe: str, formats: Sequence[str], resolution: int | None) -> bool:
-    path = bundle / "manifest.json"
-    if not path.is_file():
-        return False
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    from hartkit.bundle import peek_manifest
+
+    manifest = peek_manifest(bundle)  # only to match; a reused bundle is read schema-checked when measured
+    if manifest is None:
         return False
     got = manifest.get("recipe") or {}
     size_ok = resolution is None or manifest.get("loop", {}).get("image_size") == resolution

@@ -177,7 +177,7 @@ class Target:
 
 def targets_of(bundles: Sequence[Path], backends: Sequence[str] | None) -> tuple[list[Target], list[str]]:
     """Every (bundle, backend) pair to measure, and notes on what was skipped."""
-    from hartkit.runtime.bundle import read_manifest
+    from hartkit.bundle import read_manifest
 
     format_backend = _format_backend()
     targets, notes = [], []
@@ -204,12 +204,13 @@ def targets_of(bundles: Sequence[Path], backends: Sequence[str] | None) -> tuple
 
 
 def _golden_inputs(bundle: Path, manifest: dict) -> dict[str, dict[str, np.ndarray]]:
+    from hartkit.bundle import load_golden
+
     out = {}
     for graph, entry in manifest.get("golden", {}).get("graphs", {}).items():
         if graph == "by_format":  # quantized bundles: per-format outputs; the inputs are the same
             continue
-        with np.load(bundle / entry["file"], allow_pickle=False) as data:
-            out[graph] = {k[3:]: data[k] for k in data.files if k.startswith("in.")}
+        out[graph], _ = load_golden(bundle, entry["file"], f"golden {graph}")
     return out
 
 

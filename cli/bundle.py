@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
 def cmd_bundle(args: argparse.Namespace) -> int:
     import json
 
-    from hartkit.runtime import bundle as B
+    from hartkit import bundle as B
 
     if args.action == "verify":
         report = B.verify_bundle(args.path, backend=None if args.backend == "none" else args.backend)

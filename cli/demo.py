@@ -93,7 +93,7 @@ def demo_exported(checkpoint: Path, out_dir: Path, args: argparse.Namespace, ref
     import numpy as np
 
     from hartkit.export.exporter import export_checkpoint
-    from hartkit.runtime.bundle import verify_bundle
+    from hartkit.bundle import verify_bundle
     from hartkit.loop.metrics import psnr
     from hartkit.validate.core import validate
     from hartkit.validate.report import verdict_lines, write_report

@@ -13,12 +13,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from hartkit.bundle import (MANIFEST, QUANTIZED_GOLDEN_TOL, TOKENIZER_DIR, LoopInfo, build_export_info,
+                            build_manifest, loop_info, read_manifest, write_constants, write_golden,
+                            write_loop_golden, write_manifest)
 from hartkit.errors import HartkitError, MissingDependencyError, UsageError
-from hartkit.export.bundle import (QUANTIZED_GOLDEN_TOL, build_manifest, write_golden,
-                                   write_loop_golden)
 from hartkit.export.graphs import GraphSpec, hart_graph_specs
-from hartkit.export.info import build_export_info
-from hartkit.runtime.bundle import MANIFEST
 from hartkit.export.parity import GraphParity, ParityError, check_backend, format_table
 
 FORMATS = ("onnx", "executorch", "coreml")
@@ -92,8 +91,6 @@ def replaceable_export(out: Path) -> str | None:
     """None when ``out`` holds a previous hartkit export and nothing else (what ``--force`` may
     replace); otherwise why not."""
     import os
-
-    from hartkit.runtime.bundle import read_manifest
 
     if not (out / MANIFEST).is_file():
         return f"it holds no {MANIFEST}"
@@ -201,8 +198,8 @@ def export_checkpoint(
     result = ExportResult(out, formats)
     with atomic_dir(out, overwrite=overwrite, replaceable=replaceable_export,
                     what="a previous hartkit export") as tmp:
-        _copy_tokenizer(text_dir, tmp / "tokenizer")
-        np.savez(tmp / "constants.npz", codebook=torch_backend.codebook)
+        _copy_tokenizer(text_dir, tmp / TOKENIZER_DIR)
+        write_constants(tmp, torch_backend.codebook)
         files: dict[str, dict[str, str]] = {}
         for fmt in formats:
             if quant is not None:  # quantization hook (issue 4)
@@ -213,7 +210,7 @@ def export_checkpoint(
         info = build_export_info(model, system_length, specs, files)
         if shared is not None:
             info["onnx_weights"] = shared
-        _write_info(tmp, info)  # the backends below read it
+        write_manifest(tmp, info)  # the backends below read it
         if quant is None:
             # The checks below compare against the recorded outputs: the torch weights are not read
             # again, and a 0.7B model + its text encoder (9 GB) would sit beside the backends' copies.
@@ -252,7 +249,7 @@ def export_checkpoint(
                                   quant.recipe.to_dict() if quant is not None else None,  # issue 4 hook
                                   checkpoint.resolve().name, tmp, checkpoint_path=checkpoint.resolve(),
                                   text_model_path=text_dir.resolve(), self_check=self_check)
-        _write_info(tmp, manifest)
+        write_manifest(tmp, manifest)
     return result
 
 
@@ -271,9 +268,6 @@ def _release_weights(*modules) -> None:
 
 
 def _loop_from(model, system_length: int):
-    from hartkit.export.info import loop_info
-    from hartkit.runtime.pipeline import LoopInfo
-
     return LoopInfo.from_dict(loop_info(model, system_length))
 
 
@@ -286,12 +280,6 @@ def _copy_tokenizer(text_dir: Path, dst: Path) -> None:
             found = True
     if not found:
         raise HartkitError(f"{text_dir}: no tokenizer files found ({', '.join(TOKENIZER_FILES)})")
-
-
-def _write_info(folder: Path, info: dict) -> None:
-    from hartkit.model.checkpoint import write_json
-
-    write_json(folder / MANIFEST, info)
 
 
 def _share_onnx_weights(folder: Path, graph_files: dict[str, str], specs: list[GraphSpec], result: ExportResult,

@@ -26,6 +26,7 @@ from hartkit.errors import UsageError
 
 NUM_TRAIN_STEPS = 1000
 MAX_BETA = 0.999  # upstream betas_for_alpha_bar's default cap
+VAE_SCALE = 0.6  # upstream DiffLoss.vae_scale: the head works on latents / 0.6; a sample is scaled back by it
 
 
 def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int]) -> list[int]:

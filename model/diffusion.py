@@ -24,9 +24,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from hartkit.loop.schedule import IDDPMSchedule
-
-VAE_SCALE = 0.6  # upstream DiffLoss.vae_scale: the head works on latents / 0.6
+from hartkit.loop.schedule import VAE_SCALE, IDDPMSchedule
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

@@ -201,9 +201,9 @@ def record(model, encoder, system_length: int, prompts: Sequence[str] | None = N
            cfg: float | None = None, max_calls: int = DEFAULT_MAX_CALLS,
            progress: Callable[[str], None] | None = None) -> CalibrationSet:
     """Run the reference loop (eager fp32 graphs) on every prompt and keep the graphs' inputs."""
-    from hartkit.export.info import loop_info
+    from hartkit.bundle import LoopInfo, loop_info
     from hartkit.runtime.backends import TorchBackend
-    from hartkit.runtime.pipeline import LoopInfo, Pipeline
+    from hartkit.runtime.pipeline import Pipeline
 
     prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
     if not prompts:

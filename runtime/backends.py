@@ -13,6 +13,7 @@ from typing import Any, Mapping, Protocol
 
 import numpy as np
 
+from hartkit.bundle import build_export_info, bundle_path
 from hartkit.errors import HartkitError, MissingDependencyError, UsageError
 
 BACKENDS = ("onnxruntime", "executorch", "coreml", "torch")
@@ -65,8 +66,6 @@ class OnnxRuntimeBackend:
         if graph not in self._sessions:
             if graph not in self._files:
                 raise HartkitError(f"{self._dir}: no ONNX file for graph '{graph}' (export with --format onnx)")
-            from hartkit.runtime.bundle import bundle_path
-
             path = bundle_path(self._dir, self._files[graph], f"ONNX file of graph '{graph}'")
             if not path.is_file():
                 raise HartkitError(f"{path}: ONNX file of graph '{graph}' is missing")
@@ -115,7 +114,6 @@ class TorchBackend:
     @classmethod
     def from_model(cls, model, text_encoder, system_length: int) -> tuple["TorchBackend", dict]:
         from hartkit.export.graphs import hart_graph_specs
-        from hartkit.export.info import build_export_info
 
         specs = hart_graph_specs(model, text_encoder, system_length)
         info = build_export_info(model, system_length, specs)

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from hartkit.bundle import bundle_path
 from hartkit.errors import HartkitError, MissingDependencyError, UsageError
 
 COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
@@ -56,8 +57,6 @@ class CoreMLBackend:
         self._units = getattr(ct.ComputeUnit, compute_units)
         self._functions: dict[str, str] = {}  # graph -> multifunction package (relative)
         if multifunction:
-            from hartkit.runtime.bundle import bundle_path
-
             mf = bundle_path(self._dir, MULTIFUNCTION_INFO, "Core ML multifunction index")
             if not mf.is_file():
                 raise HartkitError(f"{mf}: missing; this export has no iOS18 multifunction packages")
@@ -72,8 +71,6 @@ class CoreMLBackend:
     def _model(self, graph: str):
         if graph in self._models:
             return self._models[graph]
-        from hartkit.runtime.bundle import bundle_path
-
         if graph in self._functions:
             path = bundle_path(self._dir, self._functions[graph], f"Core ML package of graph '{graph}'")
             kwargs = {"function_name": graph}

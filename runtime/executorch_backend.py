@@ -23,6 +23,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from hartkit.bundle import bundle_path
 from hartkit.errors import HartkitError, MissingDependencyError
 
 FORMAT = "executorch"
@@ -83,8 +84,6 @@ class ExecuTorchBackend:
             raise HartkitError(f"{self._dir}: no ExecuTorch program for graph '{graph}' (export with --format executorch)")
         rel = self._files[graph]
         if rel not in self._programs:
-            from hartkit.runtime.bundle import bundle_path
-
             path = bundle_path(self._dir, rel, f"ExecuTorch program of graph '{graph}'")
             if not path.is_file():
                 raise HartkitError(f"{path}: ExecuTorch program of graph '{graph}' is missing")

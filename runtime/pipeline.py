@@ -9,61 +9,22 @@ onnxruntime, ExecuTorch, Core ML or eager torch. This module imports no torch.
 from __future__ import annotations
 
 import functools
-import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
+from hartkit.bundle import (BundleError, LoopInfo, check_or_raise, load_codebook, past_shape, read_manifest,
+                            tokenizer_dir, verify_bundle)
 from hartkit.errors import HartkitError, UsageError
-from hartkit.loop.plan import stage_plan
-from hartkit.loop.plan import HART_DEFAULT_CFG, MAX_CFG
+from hartkit.loop.plan import MAX_CFG, stage_plan
 from hartkit.loop.prompt import PromptTokenizer
 from hartkit.loop.rng import PortableRNG, draw_plan, iter_draws
 from hartkit.loop.rope import context_positions, rope_cos_sin_1d, rope_cos_sin_2d, stage_positions
-from hartkit.loop.schedule import IDDPMSchedule
+from hartkit.loop.schedule import VAE_SCALE, IDDPMSchedule
 from hartkit.runtime.sampling import cfg_mix, sample_stage
-
-EXPORT_INFO = "manifest.json"  # the bundle manifest (runtime/bundle.py)
-CONSTANTS = "constants.npz"
-TOKENIZER_DIR = "tokenizer"
-VAE_SCALE = 0.6  # upstream DiffLoss.sample multiplies the residual by vae_scale
-
-
-@dataclass(frozen=True)
-class LoopInfo:
-    """What the host loop needs to know about the model (written by the exporter, no torch)."""
-
-    patch_nums: tuple[int, ...]
-    context_token: int
-    vocab_size: int
-    latent_dim: int
-    head_dim: int
-    attn_type: str
-    num_phis: int
-    num_sampling_steps: str
-    system_length: int
-    default_cfg: float = HART_DEFAULT_CFG  # guidance when a caller gives none (the checkpoint's recommendation)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LoopInfo":
-        try:
-            return cls(
-                patch_nums=tuple(int(p) for p in data["patch_nums"]),
-                context_token=int(data["context_token"]),
-                vocab_size=int(data["vocab_size"]),
-                latent_dim=int(data["latent_dim"]),
-                head_dim=int(data["head_dim"]),
-                attn_type=str(data["attn_type"]),
-                num_phis=int(data["num_phis"]),
-                num_sampling_steps=str(data["num_sampling_steps"]),
-                system_length=int(data["system_length"]),
-                default_cfg=float(data.get("default_cfg", HART_DEFAULT_CFG)),  # absent in older bundles
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise HartkitError(f"export info: the 'loop' section is incomplete or malformed ({exc!r})") from exc
 
 
 @dataclass
@@ -126,17 +87,15 @@ class Pipeline:
                       graph_backends: Mapping[str, str] | None = None) -> "Pipeline":
         """Load an export folder written by ``hartkit export``; ``graph_backends`` overrides per graph."""
         from hartkit.runtime.backends import open_backend
-        from hartkit.runtime.bundle import bundle_path
 
         export_dir = Path(export_dir)
-        info = read_export_info(export_dir)
-        loop = LoopInfo.from_dict(info["loop"])
-        runner = open_backend(export_dir, info, backend, graph_backends or {})
-        # Every path the manifest names stays inside the folder (bundle_path refuses the rest).
-        codebook = _load_codebook(bundle_path(export_dir, info.get("constants", CONSTANTS), "constants"), loop)
-        tokenizer_dir = bundle_path(export_dir, info.get("tokenizer", TOKENIZER_DIR), "tokenizer", contents=True)
-        tokenizer = PromptTokenizer.from_dir(tokenizer_dir)
-        return cls(loop, runner, tokenizer, codebook, past_shape=_past_shape(info))
+        manifest = read_manifest(export_dir)
+        loop = LoopInfo.from_dict(manifest["loop"])
+        runner = open_backend(export_dir, manifest, backend, graph_backends or {})
+        # Every path the manifest names stays inside the folder (the bundle reader refuses the rest).
+        codebook = load_codebook(export_dir, manifest, loop)
+        tokenizer = PromptTokenizer.from_dir(tokenizer_dir(export_dir, manifest))
+        return cls(loop, runner, tokenizer, codebook, past_shape=past_shape(manifest))
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, backend: str = "onnxruntime",
@@ -146,20 +105,16 @@ class Pipeline:
 
         ``verify`` (default): every file's sha256 is checked against the manifest first.
         ``self_check`` (default): the graphs that compute in integers run their golden vectors on this
-        CPU first (:mod:`hartkit.runtime.selfcheck`; a few hundred ms on the demo model, nothing for
+        CPU first (:mod:`hartkit.bundle.selfcheck`; a few hundred ms on the demo model, nothing for
         fp32 bundles); a graph that computes differently here raises ``SelfCheckError`` naming it.
         """
-        from hartkit.runtime.bundle import BundleError, verify_bundle
-
         if verify:
             report = verify_bundle(bundle_dir)
             if not report.ok:
                 raise BundleError(f"{bundle_dir}: bundle does not verify: " + "; ".join(report.problems[:5]))
         pipe = cls.from_exported(bundle_dir, backend=backend, graph_backends=graph_backends)
         if self_check:
-            from hartkit.runtime.selfcheck import check_or_raise
-
-            check_or_raise(Path(bundle_dir), read_export_info(Path(bundle_dir)), pipe.backend)
+            check_or_raise(Path(bundle_dir), read_manifest(bundle_dir), pipe.backend)
         return pipe
 
     @classmethod
@@ -307,42 +262,3 @@ class Pipeline:
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.backend.run(graph, feeds)
-
-
-def _past_shape(info: dict) -> tuple[int, int, int, int] | None:
-    """(depth, rows, heads, head_dim) of ar_stage's ``past_k`` [depth, rows, heads, past, head_dim]."""
-    for graph in info.get("graphs", []):
-        if graph.get("name") != "ar_stage":
-            continue
-        for spec in graph.get("inputs", []):
-            shape = spec.get("shape", [])
-            if spec.get("name") == "past_k" and len(shape) == 5:
-                fixed = [shape[i] for i in (0, 1, 2, 4)]
-                if all(isinstance(d, int) for d in fixed):
-                    return tuple(fixed)  # type: ignore[return-value]
-    return None
-
-
-def read_export_info(export_dir: Path) -> dict:
-    """The folder's manifest, schema-checked (bounded numbers, paths inside the folder) like a bundle's."""
-    from hartkit.runtime.bundle import read_manifest
-
-    path = export_dir / EXPORT_INFO
-    if not export_dir.is_dir():
-        raise HartkitError(f"{export_dir}: export folder not found")
-    if not path.is_file():
-        raise HartkitError(f"{export_dir}: not a hartkit export (no {EXPORT_INFO})")
-    return read_manifest(export_dir)
-
-
-def _load_codebook(path: Path, loop: LoopInfo) -> np.ndarray:
-    from hartkit.runtime.bundle import load_npz
-
-    if not path.is_file():
-        raise HartkitError(f"{path}: constants file not found")
-    codebook = load_npz(path).get("codebook")
-    want = (loop.vocab_size, loop.latent_dim)
-    if codebook is None or codebook.shape != want or codebook.dtype.kind != "f":
-        got = "none" if codebook is None else f"{codebook.dtype}{list(codebook.shape)}"
-        raise HartkitError(f"{path}: expected a float codebook of shape {list(want)} (loop section), found {got}")
-    return codebook

@@ -7,7 +7,7 @@ import numpy as np
 
 from hartkit.bench.exports import STATS
 from hartkit.cli import main
-from hartkit.runtime.bundle import read_manifest
+from hartkit.bundle import read_manifest
 
 
 def test_bench_writes_json_and_a_plot(tiny_checkpoint, onnx_bundle, tmp_path, capsys):

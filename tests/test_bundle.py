@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hartkit.runtime.bundle import BundleError, pack, parse_manifest, read_manifest, unpack, verify_bundle
+from hartkit.bundle import BundleError, pack, parse_manifest, read_manifest, unpack, verify_bundle
 from hartkit.runtime.pipeline import Pipeline
 
 
@@ -88,7 +88,7 @@ def test_a_perturbed_graph_fails_the_golden_vectors(bundle_copy):
     import onnx
     from onnx import numpy_helper
 
-    from hartkit.export.bundle import artifacts
+    from hartkit.bundle import artifacts
 
     path = bundle_copy / "onnx" / "denoise.onnx"
     model = onnx.load(str(path))

@@ -64,9 +64,9 @@ def graphs(tiny_model, tiny_text_encoder):
 def recorded(tiny_model, tiny_text_encoder):
     """Real inputs of every graph, recorded from one run of the reference loop on torch."""
     from hartkit.export.exporter import RecordingBackend
-    from hartkit.export.info import loop_info
+    from hartkit.bundle import LoopInfo, loop_info
     from hartkit.runtime.backends import TorchBackend, system_length_of
-    from hartkit.runtime.pipeline import LoopInfo, Pipeline
+    from hartkit.runtime.pipeline import Pipeline
 
     S = system_length_of(tiny_text_encoder.tokenizer, tiny_model.cfg.context_token)
     torch_backend, _ = TorchBackend.from_model(tiny_model, tiny_text_encoder, S)
@@ -86,9 +86,9 @@ def coreml_export(tiny_checkpoint, tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = export_checkpoint(tiny_checkpoint, out, ["coreml"])
-    from hartkit.runtime.pipeline import read_export_info
+    from hartkit.bundle import read_manifest
 
-    return out, result, read_export_info(out)
+    return out, result, read_manifest(out)
 
 
 def test_every_graph_converts_and_its_interface_matches_the_spec(coreml_export, graphs):
@@ -269,10 +269,10 @@ def test_coreml_backend_refuses_off_macos_without_importing_torch(coreml_export)
         "from pathlib import Path\n"
         "from hartkit.errors import HartkitError\n"
         "from hartkit.runtime.coreml_backend import CoreMLBackend\n"
-        "from hartkit.runtime.pipeline import read_export_info\n"
+        "from hartkit.bundle import read_manifest\n"
         f"p = Path({str(out)!r})\n"
         "try:\n"
-        "    CoreMLBackend(p, read_export_info(p))\n"
+        "    CoreMLBackend(p, read_manifest(p))\n"
         "except HartkitError as e:\n"
         "    print('REFUSED:', e)\n"
     )

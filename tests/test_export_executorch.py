@@ -23,7 +23,8 @@ pytest.importorskip("executorch")
 
 from hartkit.errors import HartkitError  # noqa: E402
 from hartkit.loop.metrics import psnr  # noqa: E402
-from hartkit.runtime.pipeline import Pipeline, read_export_info  # noqa: E402
+from hartkit.bundle import read_manifest  # noqa: E402
+from hartkit.runtime.pipeline import Pipeline  # noqa: E402
 
 PROMPT = "a red circle above a blue square"
 
@@ -47,7 +48,7 @@ def et_pipe(et_export):
 
 def test_one_program_every_graph_within_the_bar(et_export):
     out, result, _ = et_export
-    info = read_export_info(out)
+    info = read_manifest(out)
     graphs = [g["name"] for g in info["graphs"]]
     assert {"text_encoder", "condition", "ar_context", "ar_stage", "ar_head", "residual_0", "diffusion_condition",
             "diffusion_cond_embed", "denoise", "vae_decode"} <= set(graphs)
@@ -69,7 +70,7 @@ def test_program_methods_and_bounds(et_export):
     from executorch.runtime import Runtime
 
     out, _, _ = et_export
-    info = read_export_info(out)
+    info = read_manifest(out)
     program = Runtime.get().load_program(out / "executorch" / "hart.pte")
     assert program.method_names == {g["name"] for g in info["graphs"]}
     denoise = next(g for g in info["graphs"] if g["name"] == "denoise")
@@ -80,7 +81,7 @@ def test_program_methods_and_bounds(et_export):
 
 def test_delegation_report_and_weight_sharing(et_export):
     out, _, lines = et_export
-    info = read_export_info(out)
+    info = read_manifest(out)
     report = json.loads((out / "executorch" / "delegation.json").read_text())
     graphs = [g["name"] for g in info["graphs"]]
     assert list(report["methods"]) == graphs
@@ -185,7 +186,7 @@ def test_missing_method_file_and_bad_inputs_are_named(et_export, tmp_path):
     from hartkit.runtime.executorch_backend import ExecuTorchBackend
 
     out, _, _ = et_export
-    info = read_export_info(out)
+    info = read_manifest(out)
     ghost = dict(next(g for g in info["graphs"] if g["name"] == "vae_decode"), name="ghost_graph")
     patched = {**info, "graphs": [*info["graphs"], ghost],
                "files": {**info["files"], "executorch": {**info["files"]["executorch"], "ghost_graph": "executorch/hart.pte"}}}
@@ -231,9 +232,9 @@ class Block:
 sys.meta_path.insert(0, Block())
 from hartkit.errors import MissingDependencyError
 from hartkit.runtime.executorch_backend import ExecuTorchBackend
-from hartkit.runtime.pipeline import read_export_info
+from hartkit.bundle import read_manifest
 try:
-    ExecuTorchBackend({str(out)!r}, read_export_info(__import__("pathlib").Path({str(out)!r})))
+    ExecuTorchBackend({str(out)!r}, read_manifest(__import__("pathlib").Path({str(out)!r})))
 except MissingDependencyError as exc:
     print("missing:", exc)
 assert "torch" not in sys.modules

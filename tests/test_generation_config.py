@@ -14,7 +14,8 @@ from hartkit.errors import CheckpointError
 from hartkit.loop.plan import HART_DEFAULT_CFG
 from hartkit.model.checkpoint import GENERATION_CONFIG, load_hart, read_default_cfg, save_hart, write_default_cfg
 from hartkit.model.sampler import SamplerOptions, generate_from_prompts
-from hartkit.runtime.pipeline import LoopInfo, Pipeline
+from hartkit.bundle import LoopInfo
+from hartkit.runtime.pipeline import Pipeline
 
 PROMPT = "a red circle above a blue square on a yellow background"
 
@@ -93,7 +94,7 @@ def test_runtime_reads_the_bundles_default(onnx_bundle):
 def test_export_carries_the_checkpoints_default(tiny_checkpoint, tmp_path):
     """The manifest, the golden loop replay and the runtime's default all follow the checkpoint."""
     from hartkit.export.exporter import export_checkpoint
-    from hartkit.runtime.bundle import verify_bundle
+    from hartkit.bundle import verify_bundle
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, ckpt)

@@ -25,8 +25,9 @@ from hypothesis import strategies as st
 
 from hartkit.cli import main
 from hartkit.errors import HartkitError, UsageError
-from hartkit.runtime import bundle as B
-from hartkit.runtime.bundle import BundleError, bundle_path, pack, parse_manifest, unpack, verify_bundle
+from hartkit import bundle as B
+from hartkit.bundle import BundleError, bundle_path, pack, parse_manifest, unpack, verify_bundle
+from hartkit.bundle import archive as bundle_archive  # pack/unpack's module: the tests patch its names
 from hartkit.runtime.pipeline import Pipeline
 
 PROMPT = "a red circle above a blue square"
@@ -384,8 +385,8 @@ def test_a_listed_artifact_that_is_a_link_is_refused_and_never_packed(bundle, tm
     with pytest.raises(BundleError, match="does not verify"):
         pack(bundle, archive)
     # Even if verification were fooled (a link swapped in after it ran), the link is not followed.
-    monkeypatch.setattr(B, "verify_bundle", lambda folder, backend=None: B.VerifyReport())
-    monkeypatch.setattr(B, "bundle_path", lambda folder, rel, what, contents=False: Path(folder) / rel)
+    monkeypatch.setattr(bundle_archive, "verify_bundle", lambda folder, backend=None: B.VerifyReport())
+    monkeypatch.setattr(bundle_archive, "bundle_path", lambda folder, rel, what, contents=False: Path(folder) / rel)
     with pytest.raises(BundleError, match="ar_head.onnx: cannot read"):
         pack(bundle, archive)
     assert not archive.exists() and leftovers(tmp_path) == []
@@ -443,7 +444,8 @@ def test_unpack_refuses_a_zip_bomb_and_checks_free_space(real_manifest, tmp_path
     with pytest.raises(BundleError, match="inflates"):
         unpack(archive, tmp_path / "out")
     archive = write_zip(tmp_path / "big.hartkit", list(files.items()))
-    monkeypatch.setattr(B.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1 << 20))
+    monkeypatch.setattr(bundle_archive.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1 << 20))
     with pytest.raises(BundleError, match=r"unpacking needs 8\.\d MB, .* has 1\.0 MB free"):
         unpack(archive, tmp_path / "out")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
@@ -456,7 +458,7 @@ def test_a_disk_full_during_unpack_leaves_nothing(real_manifest, tmp_path, monke
         target.write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(B, "_extract", full)
+    monkeypatch.setattr(bundle_archive, "_extract", full)
     with pytest.raises(HartkitError, match="No space left on device") as err:
         unpack(archive, tmp_path / "new" / "deeper" / "out")
     assert err.value.exit_code == 2
@@ -557,7 +559,7 @@ def test_pack_and_unpack_targets_exit_with_one_line_and_leave_nothing(bundle, tm
 
 
 def test_a_disk_full_during_pack_leaves_no_temp_file(bundle, tmp_path, capsys, monkeypatch):
-    real = B._pack_file
+    real = bundle_archive._pack_file
     calls = []
 
     def fill_up(zf, folder, art):
@@ -566,7 +568,7 @@ def test_a_disk_full_during_pack_leaves_no_temp_file(bundle, tmp_path, capsys, m
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(zf, folder, art)
 
-    monkeypatch.setattr(B, "_pack_file", fill_up)
+    monkeypatch.setattr(bundle_archive, "_pack_file", fill_up)
     rc, _, err = cli(capsys, "bundle", "pack", str(bundle), "--archive", str(tmp_path / "new" / "b.hartkit"))
     assert rc == 2 and "No space left on device" in one_line_error(err)
     assert sorted(os.listdir(tmp_path)) == ["bundle"]  # no archive, no .b.hartkit.tmp-*, no new/

@@ -102,7 +102,7 @@ def test_every_preset_uses_only_cells_whose_result_does_not_depend_on_the_cpu():
 _MATMUL_INTEGER = """
 import json, numpy as np, onnxruntime as ort
 from onnx import helper, TensorProto
-from hartkit.runtime.cpu import cpu_isa
+from hartkit.bundle import cpu_isa
 M, K, N = 6, 70, 9
 g = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "g",
     [helper.make_tensor_value_info("a", TensorProto.UINT8, [M, K]),
@@ -149,7 +149,7 @@ def _copy(bundle: Path, dst: Path) -> Path:
 
 def _rehash(bundle: Path) -> None:
     """Make the manifest's checksums match edited files (what a careless re-packer would do)."""
-    from hartkit.runtime.bundle import sha256_file
+    from hartkit.bundle import sha256_file
 
     path = bundle / "manifest.json"
     manifest = json.loads(path.read_text())
@@ -161,7 +161,7 @@ def _rehash(bundle: Path) -> None:
 
 def test_a_quantized_bundle_lists_its_integer_graphs_and_passes_its_self_check(laptop_bundle):
     from hartkit.runtime.pipeline import Pipeline
-    from hartkit.runtime.selfcheck import run_self_check, self_check_graphs
+    from hartkit.bundle import run_self_check, self_check_graphs
 
     manifest = json.loads((laptop_bundle / "manifest.json").read_text())
     listed = self_check_graphs(manifest, "onnx")
@@ -178,7 +178,7 @@ def test_a_graph_that_computes_differently_here_is_refused_at_load(laptop_bundle
     one line naming the graph, the backend and the dB; --no-self-check / self_check=False runs anyway."""
     from hartkit.cli import main
     from hartkit.runtime.pipeline import Pipeline
-    from hartkit.runtime.selfcheck import SelfCheckError
+    from hartkit.bundle import SelfCheckError
 
     bundle = _copy(laptop_bundle, tmp_path / "b")
     golden = bundle / "golden" / "onnx" / "ar_stage.npz"
@@ -227,9 +227,9 @@ def _saturating_copy(bundle: Path, dst: Path) -> Path:
 
 _SELF_CHECK = """
 import sys
-from hartkit.runtime.cpu import cpu_isa
+from hartkit.bundle import cpu_isa
 from hartkit.runtime.pipeline import Pipeline
-from hartkit.runtime.selfcheck import SelfCheckError
+from hartkit.bundle import SelfCheckError
 print("isa", cpu_isa())
 try:
     Pipeline.from_bundle(sys.argv[1])
@@ -242,7 +242,7 @@ else:
 
 @needs_qemu
 def test_on_an_emulated_avx2_cpu_the_laptop_bundle_loads_and_a_full_range_one_is_refused(laptop_bundle, tmp_path):
-    from hartkit.runtime.cpu import cpu_isa
+    from hartkit.bundle import cpu_isa
     from hartkit.runtime.pipeline import Pipeline
 
     # The full-range copy computes like the 7-bit file where the kernels sum exactly (VNNI) ...

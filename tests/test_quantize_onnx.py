@@ -214,7 +214,7 @@ def test_phone_export_stores_each_quantized_weight_once(phone_export):
 
 
 def test_a_quantized_bundle_verifies_against_its_own_quantized_goldens(phone_export):
-    from hartkit.runtime.bundle import read_manifest, verify_bundle
+    from hartkit.bundle import read_manifest, verify_bundle
 
     out, _ = phone_export
     golden = read_manifest(out)["golden"]
@@ -227,12 +227,12 @@ def test_a_quantized_bundle_verifies_against_its_own_quantized_goldens(phone_exp
 def test_runtime_on_the_phone_export_samples_like_the_eager_quantized_graphs(phone_export, tiny_model,
                                                                                tiny_text_encoder):
     from hartkit.export.graphs import hart_graph_specs
-    from hartkit.export.info import loop_info
+    from hartkit.bundle import LoopInfo, loop_info
     from hartkit.quantize.apply import realize
     from hartkit.quantize.layers import discover
     from hartkit.quantize.recipe import Recipe, resolve
     from hartkit.runtime.backends import TorchBackend
-    from hartkit.runtime.pipeline import LoopInfo, Pipeline
+    from hartkit.runtime.pipeline import Pipeline
 
     out, _ = phone_export
     pipe = Pipeline.from_exported(out, backend="onnxruntime")

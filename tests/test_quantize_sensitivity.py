@@ -29,8 +29,8 @@ def test_calibration_round_trips_compactly_and_rebuilds_the_cache(setup, tiny_mo
     from hartkit.export.graphs import hart_graph_specs
     from hartkit.quantize.calibration import replay_fns
     from hartkit.runtime.backends import TorchBackend
-    from hartkit.runtime.pipeline import LoopInfo, Pipeline
-    from hartkit.export.info import loop_info
+    from hartkit.bundle import LoopInfo, loop_info
+    from hartkit.runtime.pipeline import Pipeline
 
     calib, loaded, S = setup["calib"], setup["loaded"], setup["S"]
     assert loaded.prompts == PROMPTS and len(loaded.calls) == len(calib.calls)

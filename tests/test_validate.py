@@ -29,7 +29,7 @@ PROMPT = DEFAULT_PROMPTS[0]  # a scene caption, so the caption scorer can read i
 
 def _rewrite_hashes(folder: Path) -> None:
     """What a broken build (or an attacker) does: the manifest's checksums match the changed files."""
-    from hartkit.export.bundle import artifacts
+    from hartkit.bundle import artifacts
 
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["artifacts"] = artifacts(folder)

@@ -493,7 +493,7 @@ def open_candidates(bundles: Sequence[str | Path], refs: References, backend: st
     machine (a format that cannot run here is a *skipped* row), or only ``backend``'s format when
     given (then a bundle without it, or a backend that cannot start, is an error)."""
     from hartkit.runtime.backends import BACKEND_FORMAT
-    from hartkit.runtime.bundle import BundleError, read_manifest, verify_bundle
+    from hartkit.bundle import BundleError, read_manifest, verify_bundle
 
     out: list[Candidate] = []
     labels: dict[str, int] = {}
@@ -621,7 +621,7 @@ def checkpoint_from_manifests(bundles: Sequence[str | Path], text_model: str | P
     Bundles exported by older hartkit versions record none; every bundle that records one must name
     the same folder (validating bundles of different models against one reference is meaningless).
     """
-    from hartkit.runtime.bundle import read_manifest
+    from hartkit.bundle import read_manifest
 
     found: dict[str, dict] = {}
     for bundle in bundles:

@@ -21,8 +21,9 @@ from typing import Mapping
 
 import numpy as np
 
+from hartkit.bundle import CONSTANTS, LOOP_KEYS, LoopInfo, bundle_path, load_npz
 from hartkit.errors import HartkitError, UsageError
-from hartkit.runtime.pipeline import LoopInfo, Pipeline
+from hartkit.runtime.pipeline import Pipeline
 
 
 class Autocast16Backend:
@@ -87,16 +88,13 @@ class References:
     def check_bundle(self, folder: Path, manifest: dict) -> None:
         """Refuse a bundle exported from another model: its loop constants and codebook must match."""
         mine, theirs = self.info["loop"], manifest.get("loop", {})
-        keys = ("patch_nums", "context_token", "vocab_size", "latent_dim", "head_dim", "attn_type", "num_phis",
-                "num_sampling_steps", "system_length")
-        diff = [k for k in keys if mine.get(k) != theirs.get(k)]
+        diff = [k for k in LOOP_KEYS if mine.get(k) != theirs.get(k)]
         if diff:
             raise HartkitError(f"{folder}: bundle and checkpoint {self.checkpoint} describe different models "
                                f"(loop constants {', '.join(diff)} differ)")
-        constants = folder / manifest.get("constants", "constants.npz")
+        constants = bundle_path(folder, manifest.get("constants", CONSTANTS), "constants")
         if constants.is_file():
-            with np.load(constants, allow_pickle=False) as data:
-                codebook = data["codebook"] if "codebook" in data.files else None
+            codebook = load_npz(constants).get("codebook")
             if codebook is None or codebook.shape != self.codebook.shape or not np.allclose(
                     codebook, self.codebook, rtol=1e-3, atol=1e-3):
                 raise HartkitError(f"{folder}: the bundle's VQ codebook differs from {self.checkpoint}'s: it was "

@@ -1,6 +1,9 @@
-"""Turning an export folder into a verified bundle: manifest.json, checksums, golden vectors.
+"""Writing a bundle: the manifest, the constants, golden vectors and the checksums of every file.
 
-Reading, verifying and (un)packing live in :mod:`hartkit.runtime.bundle` (torch-free).
+The exporter calls these in order: :func:`write_constants`, then :func:`build_export_info` (the
+sections the backends read while the export is checked), the golden vectors, and last
+:func:`build_manifest` + :func:`write_manifest`, which hash every file written before them.
+The model is read through its attributes only, so this module imports no torch.
 """
 
 from __future__ import annotations
@@ -8,23 +11,76 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.metadata
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
+from hartkit import __version__
+from hartkit.bundle.cpu import cpu_description
+from hartkit.bundle.format import (CONSTANTS, GOLDEN_DIR, GOLDEN_LOOP, MANIFEST, SCHEMA_VERSION, TOKENIZER_DIR,
+                                   LoopInfo, sha256_file)
+from hartkit.fsutil import write_json
 from hartkit.loop.plan import stage_plan
 from hartkit.loop.prompt import HART_SYSTEM_PROMPT
-from hartkit.loop.schedule import IDDPMSchedule
-from hartkit.runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
-from hartkit.runtime.cpu import cpu_description
+from hartkit.loop.rng import describe_contract
+from hartkit.loop.schedule import VAE_SCALE, IDDPMSchedule
+
+if TYPE_CHECKING:
+    from hartkit.export.graphs import GraphSpec
+    from hartkit.model.checkpoint import HART
 
 LIBRARIES = ("torch", "numpy", "transformers", "tokenizers", "onnx", "onnxruntime", "onnxscript", "executorch",
              "torchao", "coremltools", "safetensors")
 # Golden-vector tolerances per format family: fp32 exports replay to ~1e-6; these leave room for
 # other CPUs/threads but catch a wrong or perturbed graph.
 GOLDEN_ATOL, GOLDEN_RTOL = 1e-3, 1e-3
+# Quantized graphs replay against their eager-quantized outputs; activation quantization flips
+# roundings between runtimes, so the bar is looser but still catches a broken graph.
+QUANTIZED_GOLDEN_TOL = (2e-2, 0.15)
 TARGETS = {"coreml": {"minimum_deployment_target": "iOS17", "compute_precision": "float16"},
            "executorch": {"delegate": "XnnpackBackend"}, "onnx": {"opset": 18}}
+
+
+def loop_info(model: "HART", system_length: int) -> dict:
+    """The manifest's ``loop`` section: what the torch-free host loop needs, plus the image size."""
+    cfg = model.cfg
+    loop = LoopInfo(
+        patch_nums=tuple(cfg.patch_nums),
+        context_token=cfg.context_token,
+        vocab_size=model.vocab_size,
+        latent_dim=model.latent_dim,
+        head_dim=cfg.head_dim,
+        attn_type=cfg.attn_type,
+        num_phis=int(model.vae.num_phis),
+        num_sampling_steps=str(cfg.num_sampling_steps),
+        system_length=int(system_length),
+        default_cfg=float(model.default_cfg),  # the checkpoint's recommended guidance (else HART's 4.5)
+    )
+    return {**loop.to_dict(), "image_size": cfg.patch_nums[-1] * model.vae_cfg.downsample}
+
+
+def build_export_info(model: "HART", system_length: int, specs: Sequence["GraphSpec"],
+                      files: dict[str, dict[str, str]] | None = None) -> dict:
+    """What an export folder holds: the ``loop`` section, every graph's declared inputs/outputs, the
+    file of each graph per format. :func:`build_manifest` adds the rest once the files are written."""
+    return {
+        "hartkit_version": __version__,
+        "model": {"hart": model.cfg.to_dict(), "vae": model.vae_cfg.to_dict()},
+        "loop": loop_info(model, system_length),
+        "graphs": [s.to_json() for s in specs],
+        "files": files or {},
+        "constants": CONSTANTS,
+        "tokenizer": TOKENIZER_DIR,
+        "rng": describe_contract(),
+    }
+
+
+def write_constants(folder: Path, codebook: np.ndarray) -> None:
+    np.savez(folder / CONSTANTS, codebook=codebook)
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    write_json(folder / MANIFEST, manifest, indent=2, sort_keys=True)
 
 
 def library_versions() -> dict[str, str]:
@@ -37,13 +93,8 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-# Quantized graphs replay against their eager-quantized outputs; activation quantization flips
-# roundings between runtimes (export/parity.py), so the bar is looser but still catches a broken graph.
-QUANTIZED_GOLDEN_TOL = (2e-2, 0.15)
-
-
 def write_golden(folder: Path, recorded: Mapping[str, list[tuple[dict, list[np.ndarray]]]],
-                 output_names: Mapping[str, list[str]], subdir: str = "golden",
+                 output_names: Mapping[str, list[str]], subdir: str = GOLDEN_DIR,
                  tolerance: tuple[float, float] | None = None) -> dict:
     """One npz per graph (its first recorded call): ``in.<name>`` and ``out.<name>`` arrays."""
     atol, rtol = tolerance or (GOLDEN_ATOL, GOLDEN_RTOL)
@@ -62,10 +113,10 @@ def write_golden(folder: Path, recorded: Mapping[str, list[tuple[dict, list[np.n
 
 def write_loop_golden(folder: Path, prompt: str, seed: int, cfg: float, tokens: list[np.ndarray],
                       image: np.ndarray) -> dict:
-    path = folder / "golden" / "loop.npz"
+    path = folder / GOLDEN_LOOP
     path.parent.mkdir(exist_ok=True)
     np.savez_compressed(path, image=image, **{f"tokens.{i}": t for i, t in enumerate(tokens)})
-    return {"file": "golden/loop.npz", "prompt": prompt, "seed": seed, "cfg": cfg, "more_smooth": True,
+    return {"file": GOLDEN_LOOP, "prompt": prompt, "seed": seed, "cfg": cfg, "more_smooth": True,
             "note": "tokens must match exactly on fp32 backends; the image within PSNR 40 dB"}
 
 
@@ -116,7 +167,7 @@ def build_manifest(info: dict, tokenizer, golden_graphs: dict, golden_loop: dict
         "diffusion": {
             "timesteps": [int(t) for t in sched.timesteps],
             "tables": sched.as_table(),
-            "vae_scale": 0.6,
+            "vae_scale": VAE_SCALE,
             "clip_denoised": True,
             "cfg_rule": "eps = (1 + t) * eps_cond - t * eps_uncond; no guidance when t == 1.0 exactly",
         },
