@@ -7,9 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-# runtime/bundle.py and the CLI still import these two from here; they go once both have moved.
-from hartkit.loop.metrics import psnr, snr_db  # noqa: F401
-
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     """Write a uint8 [H, W, 3] image atomically (temp file + rename)."""

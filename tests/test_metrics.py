@@ -15,12 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 METRICS = ROOT / "loop" / "metrics.py"
 
 
-def _sources():
-    """(relative path, syntax tree) of every Python file of the package and its examples. Tests are left
-    out: they keep their own oracles on purpose."""
+def _sources(tests: bool = False):
+    """(relative path, syntax tree) of every Python file of the package and its examples; tests only when
+    asked: they keep their own oracles on purpose."""
+    skip = {"build", "dist", "__pycache__"} | (set() if tests else {"tests"})
     for folder, dirs, files in os.walk(ROOT):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in ("tests", "build", "dist")
-                         and not d.endswith(".egg-info") and d != "__pycache__")
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in skip and not d.endswith(".egg-info"))
         for name in sorted(files):
             path = Path(folder) / name
             if name.endswith(".py") and path != METRICS:
@@ -44,6 +44,15 @@ def test_decibels_are_computed_only_in_loop_metrics():
     """A log10 elsewhere is a dB formula written a second time."""
     found = [f"{rel}:{node.lineno}" for rel, tree in _sources() for node in ast.walk(tree)
              if isinstance(node, ast.Attribute) and node.attr == "log10"]
+    assert found == []
+
+
+def test_metrics_are_imported_from_loop_metrics_only():
+    """No module passes a metric on: a re-export would be a second place to look it up."""
+    names = set(metrics.__all__)
+    found = [f"{rel}:{node.lineno} from {node.module}" for rel, tree in _sources(tests=True)
+             for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+             and node.module != "hartkit.loop.metrics" and any(a.name in names for a in node.names)]
     assert found == []
 
 
