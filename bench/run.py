@@ -434,10 +434,10 @@ def run_bench(checkpoint: str | Path, bundles: str | Path | Sequence[str | Path]
     import gc
 
     from hartkit.bench.flops import kv_cache_bytes
+    from hartkit.export.torch_runner import TorchBackend
+    from hartkit.loop.plan import LoopInfo
     from hartkit.model.checkpoint import load_hart
-    from hartkit.model.sampler import generate_from_prompts
     from hartkit.model.text_encoder import TextEncoder
-    from hartkit.runtime.backends import TorchBackend
     from hartkit.runtime.pipeline import Pipeline
 
     say = progress or (lambda _m: None)
@@ -448,19 +448,21 @@ def run_bench(checkpoint: str | Path, bundles: str | Path | Sequence[str | Path]
     first = targets[0].manifest
     model = load_hart(checkpoint, resolution=first["loop"].get("image_size"))
     encoder = TextEncoder.from_pretrained(checkpoint / "text_model")
-    torch_backend, _ = TorchBackend.from_model(model, encoder, first["loop"]["system_length"])
+    torch_backend, info = TorchBackend.from_model(model, encoder, first["loop"]["system_length"])
+    # The reference is the one loop over the eager graphs (Pipeline.from_checkpoint's, on weights already loaded).
+    reference = Pipeline(LoopInfo.from_dict(info["loop"]), torch_backend, encoder.tokenizer, torch_backend.codebook)
     result = BenchResult(machine=machine_info(), exports=list(exports), notes=notes)
 
     say("torch eager fp32: graphs")
     baseline = time_graphs(_golden_inputs(targets[0].bundle, first), torch_backend, runs)
     say("torch eager fp32: end to end")
-    ref_time = median_time(lambda: generate_from_prompts(model, encoder, [PROMPT], seed=0), warmup=1, runs=runs)
-    ref_images, ref_trace = generate_from_prompts(model, encoder, [PROMPT], seed=0)
+    ref_time = median_time(lambda: reference.generate(PROMPT, seed=0), warmup=1, runs=runs)
+    ref_image, ref_trace = reference.generate(PROMPT, seed=0)
     result.end_to_end.append({"pipeline": "torch eager fp32 (reference sampler)", "seconds": ref_time, "speedup": 1.0})
     params = component_params(model, encoder)
     cfg, vocab = model.cfg, model.vocab_size
     kv_bytes = kv_cache_bytes(cfg.patch_nums, cfg.context_token, cfg.embed_dim, cfg.depth)
-    del torch_backend
+    del torch_backend, reference
     gc.collect()
 
     seen = set()
@@ -487,7 +489,7 @@ def run_bench(checkpoint: str | Path, bundles: str | Path | Sequence[str | Path]
         say(f"{target.label}: end to end")
         t, parts, image, trace, calls = time_generation(pipe, runs)
         result.end_to_end.append({"pipeline": target.label, "seconds": t, "speedup": ref_time / t, "breakdown": parts,
-                                  **fidelity(image, trace.tokens, ref_images[0], ref_trace.tokens)})
+                                  **fidelity(image, trace.tokens, ref_image, ref_trace.tokens)})
         for row in ar_stage_efficiency(cfg, vocab, calls, result.machine["gemm_fp32_flops"]):
             result.ar_stages.append({"pipeline": target.label, **row})
         del pipe

@@ -9,7 +9,8 @@ bundle packed into one file.
 
 Modules, in the order they depend on each other:
 
-- ``format``: file names, ``SCHEMA_VERSION``, :class:`LoopInfo` and ``LOOP_KEYS``, :class:`BundleError`
+- ``format``: file names, ``SCHEMA_VERSION``, ``LOOP_KEYS`` (the manifest keys of :class:`LoopInfo`, which
+  lives in :mod:`hartkit.loop.plan`: the loop below the bundle runs on it), :class:`BundleError`
 - ``cpu``: the CPU's integer-kernel class (``exported_on``, the self-check's messages)
 - ``schema``: the manifest's JSON Schema and the bounds on every number that sizes an allocation
 - ``read``: :func:`read_manifest` (the only manifest reader; always schema-checked), :func:`bundle_path`,
@@ -23,7 +24,7 @@ Modules, in the order they depend on each other:
 from hartkit.bundle.archive import default_archive, pack, unpack
 from hartkit.bundle.cpu import cpu_description, cpu_isa
 from hartkit.bundle.format import (ARCHIVE_SUFFIX, CONSTANTS, GOLDEN_DIR, GOLDEN_LOOP, LOOP_KEYS, MANIFEST,
-                                   SCHEMA_VERSION, TOKENIZER_DIR, BundleError, LoopInfo, sha256_file)
+                                   SCHEMA_VERSION, TOKENIZER_DIR, BundleError, sha256_file)
 from hartkit.bundle.read import (bundle_path, load_codebook, load_golden, load_npz, parse_manifest, past_shape,
                                  peek_manifest, read_manifest, tokenizer_dir)
 from hartkit.bundle.schema import (MANIFEST_SCHEMA, MAX_CONTEXT, MAX_INFLATION, MAX_MANIFEST_BYTES, MAX_PATCH,
@@ -34,6 +35,7 @@ from hartkit.bundle.verify import (FORMAT_BACKEND, VerifyReport, verify_bundle, 
 from hartkit.bundle.write import (QUANTIZED_GOLDEN_TOL, artifacts, build_export_info, build_manifest,
                                   library_versions, loop_info, write_constants, write_golden, write_loop_golden,
                                   write_manifest)
+from hartkit.loop.plan import LoopInfo  # re-exported: the manifest's `loop` section is this dataclass
 
 __all__ = [
     "ARCHIVE_SUFFIX", "CONSTANTS", "GOLDEN_DIR", "GOLDEN_LOOP", "LOOP_KEYS", "MANIFEST", "SCHEMA_VERSION",

@@ -1,14 +1,14 @@
-"""The names a bundle is made of: its files, its version, the ``loop`` section, and its errors."""
+"""The names a bundle is made of: its files, its version, the ``loop`` section's keys, and its errors."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 from hartkit.errors import HartkitError
-from hartkit.loop.plan import HART_DEFAULT_CFG
+from hartkit.loop.plan import LoopInfo
 
 MANIFEST = "manifest.json"
 CONSTANTS = "constants.npz"  # the VQ codebook the host loop samples latents from
@@ -27,36 +27,6 @@ class BundleError(HartkitError):
 
     exit_code = 3
 
-
-@dataclass(frozen=True)
-class LoopInfo:
-    """The manifest's ``loop`` section as the host loop uses it (no torch)."""
-
-    patch_nums: tuple[int, ...]
-    context_token: int
-    vocab_size: int
-    latent_dim: int
-    head_dim: int
-    attn_type: str
-    num_phis: int
-    num_sampling_steps: str
-    system_length: int
-    default_cfg: float = HART_DEFAULT_CFG  # guidance when a caller gives none (the checkpoint's recommendation)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LoopInfo":
-        try:
-            return cls(**{f.name: _AS_TYPE[f.type](data[f.name]) for f in fields(cls)
-                          if f.default is MISSING or f.name in data})  # default_cfg: absent in older bundles
-        except (KeyError, TypeError, ValueError) as exc:
-            raise HartkitError(f"export info: the 'loop' section is incomplete or malformed ({exc!r})") from exc
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "patch_nums": list(self.patch_nums)}
-
-
-# How from_dict converts each field, by its annotation (a string under ``from __future__ import annotations``).
-_AS_TYPE = {"tuple[int, ...]": lambda v: tuple(int(p) for p in v), "int": int, "str": str, "float": float}
 
 # The keys every manifest's ``loop`` section has (``default_cfg`` came later and may be absent).
 LOOP_KEYS = tuple(f.name for f in fields(LoopInfo) if f.default is MISSING)

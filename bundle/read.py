@@ -16,10 +16,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from hartkit.bundle.format import CONSTANTS, MANIFEST, SCHEMA_VERSION, TOKENIZER_DIR, BundleError, LoopInfo, one_line
+from hartkit.bundle.format import CONSTANTS, MANIFEST, SCHEMA_VERSION, TOKENIZER_DIR, BundleError, one_line
 from hartkit.bundle.schema import (MAX_DIFFUSION_ELEMENTS, MAX_INFLATION, MAX_MANIFEST_BYTES, MAX_PATH_CHARS,
                                    MAX_STAGE_ELEMENTS, validator)
 from hartkit.errors import HartkitError
+from hartkit.loop.plan import LoopInfo
 from hartkit.loop.schedule import NUM_TRAIN_STEPS, space_timesteps
 
 

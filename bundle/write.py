@@ -18,9 +18,9 @@ import numpy as np
 from hartkit import __version__
 from hartkit.bundle.cpu import cpu_description
 from hartkit.bundle.format import (CONSTANTS, GOLDEN_DIR, GOLDEN_LOOP, MANIFEST, SCHEMA_VERSION, TOKENIZER_DIR,
-                                   LoopInfo, sha256_file)
+                                   sha256_file)
 from hartkit.fsutil import write_json
-from hartkit.loop.plan import stage_plan
+from hartkit.loop.plan import LoopInfo, stage_plan
 from hartkit.loop.prompt import HART_SYSTEM_PROMPT
 from hartkit.loop.rng import describe_contract
 from hartkit.loop.schedule import VAE_SCALE, IDDPMSchedule

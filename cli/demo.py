@@ -52,7 +52,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     images = generate_images(checkpoint, checkpoint / "text_model", [args.prompt], args.seed, args.cfg, True, 0.0,
                              loaded=loaded)
     paths = save_images(images, out_dir / "demo.png")
-    guidance = loaded[0].default_cfg if args.cfg is None else args.cfg
+    guidance = loaded.loop.default_cfg if args.cfg is None else args.cfg
     print(f"prompt: {args.prompt!r}  seed: {args.seed}  guidance: {guidance:g}")
     print(f"wrote {paths[0]} from checkpoint {checkpoint} (PyTorch reference sampler)")
     if checkpoint == demo_checkpoint():

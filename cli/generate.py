@@ -73,45 +73,37 @@ def text_model_dir(checkpoint: Path, text_model: str | None) -> Path:
 
 
 def load_reference(checkpoint: Path, text_model: Path, resolution: int | None = None):
-    """(model, text encoder) for the PyTorch reference sampler."""
-    from hartkit.model.checkpoint import load_hart
-    from hartkit.model.text_encoder import TextEncoder
+    """The PyTorch reference: the one sampling loop over the checkpoint's eager torch graphs."""
+    from hartkit.runtime.pipeline import Pipeline
 
-    return load_hart(checkpoint, resolution=resolution), TextEncoder.from_pretrained(text_model)
+    return Pipeline.from_checkpoint(checkpoint, text_model, resolution=resolution)
 
 
 def generate_images(checkpoint: Path, text_model: Path, prompts: list[str], seed: int, cfg: float | None,
                     more_smooth: bool, top_p: float, resolution: int | None = None, loaded=None):
-    """``loaded``: a (model, encoder) pair from :func:`load_reference`, to reuse instead of loading."""
-    from tqdm import tqdm
-
-    from hartkit.model.sampler import SamplerOptions, generate_from_prompts
-
-    model, encoder = loaded or load_reference(checkpoint, text_model, resolution)
-    bar = tqdm(total=model.cfg.num_stages, desc="generating", unit="stage", file=sys.stderr)
-    try:
-        images, _ = generate_from_prompts(
-            model, encoder, prompts, seed=seed,
-            options=SamplerOptions(cfg=cfg, more_smooth=more_smooth, top_p=top_p),
-            progress=lambda _msg: bar.update(1),
-        )
-    finally:
-        bar.close()
-    return images
+    """``loaded``: a Pipeline from :func:`load_reference`, to reuse instead of loading."""
+    pipe = loaded or load_reference(checkpoint, text_model, resolution)
+    return run_prompts(pipe, prompts, seed, cfg, more_smooth, top_p, "generating")
 
 
 def generate_exported(export_dir: Path, backend: str, graph_backends: dict[str, str], prompts: list[str],
                       seed: int, cfg: float | None, more_smooth: bool, top_p: float, self_check: bool = True):
-    import numpy as np
-    from tqdm import tqdm
-
     from hartkit.runtime.pipeline import Pipeline
 
     # A bundle is checked where it runs: file hashes, then its integer graphs' golden vectors on this CPU.
     pipe = Pipeline.from_bundle(export_dir, backend=backend, graph_backends=graph_backends, self_check=self_check)
+    return run_prompts(pipe, prompts, seed, cfg, more_smooth, top_p, f"generating ({backend})")
+
+
+def run_prompts(pipe, prompts: list[str], seed: int, cfg: float | None, more_smooth: bool, top_p: float,
+                desc: str):
+    """One image per prompt, each with ``seed`` (as if generated alone), under a progress bar per image."""
+    import numpy as np
+    from tqdm import tqdm
+
     images = []
     for prompt in prompts:
-        bar = tqdm(total=len(pipe.loop.patch_nums), desc=f"generating ({backend})", unit="stage", file=sys.stderr)
+        bar = tqdm(total=len(pipe.loop.patch_nums), desc=desc, unit="stage", file=sys.stderr)
         try:
             image, _ = pipe.generate(prompt, seed=seed, cfg=cfg, more_smooth=more_smooth, top_p=top_p,
                                      progress=lambda _m: bar.update(1))

@@ -68,7 +68,7 @@ def _load(checkpoint: str, text_model: str | None):
     from hartkit.errors import UsageError
     from hartkit.model.checkpoint import load_hart
     from hartkit.model.text_encoder import TextEncoder
-    from hartkit.runtime.backends import system_length_of
+    from hartkit.export.torch_runner import system_length_of
 
     ck = Path(checkpoint)
     text = Path(text_model) if text_model else ck / "text_model"

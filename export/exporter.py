@@ -158,8 +158,8 @@ def export_checkpoint(
     from hartkit.fsutil import atomic_dir
     from hartkit.model.checkpoint import load_hart
     from hartkit.model.text_encoder import TextEncoder
-    from hartkit.runtime.backends import TorchBackend, system_length_of
-    from hartkit.runtime.pipeline import Pipeline
+    from hartkit.export.torch_runner import TorchBackend, system_length_of
+    from hartkit.loop.sampler import StagedLoop
 
     formats = parse_formats(formats)
     require_format_libraries(formats)
@@ -177,13 +177,12 @@ def export_checkpoint(
     system_length = system_length_of(encoder.tokenizer, model.cfg.context_token)
     specs = hart_graph_specs(model, encoder, system_length)
     torch_backend, _ = TorchBackend.from_model(model, encoder, system_length)
-    modules = torch_backend._modules
+    modules = torch_backend.modules
 
     say("recording graph inputs from the reference loop")
     recorder = RecordingBackend(torch_backend)
-    pipe = Pipeline(_loop_from(model, system_length), recorder, encoder.tokenizer,
-                    torch_backend.codebook)
-    ref_image, ref_trace = pipe.generate(record_prompt, seed=seed, cfg=model.default_cfg)
+    loop = StagedLoop(_loop_from(model, system_length), recorder.run, encoder.tokenizer, torch_backend.codebook)
+    ref_image, ref_trace = loop.generate(record_prompt, seed=seed, cfg=model.default_cfg)
 
     # --- quantization hook (issue 4, hartkit.quantize): resolve the recipe for every format now,
     # so a refused (scheme, format) cell fails before anything is written.

@@ -1,2 +1,3 @@
-"""Torch-free constants and math of the staged sampling loop, shared by the PyTorch reference
-(hartkit.model) and the exported-graph runtime (hartkit.runtime). Nothing here imports torch."""
+"""The staged sampling loop (``sampler.StagedLoop``, over graphs run by name) and its torch-free
+constants and math, shared by the eager torch oracle (hartkit.model), export recording, calibration
+and the runtime. Nothing here imports torch."""

@@ -13,9 +13,10 @@ that the reference sampler, the exporters, the manifest and the runtime all read
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Sequence
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any, Mapping, Sequence
 
+from hartkit.errors import HartkitError
 from hartkit.loop.resample import phi_index  # upstream float64 tick expression (ties matter)
 
 TOP_K_EARLY, TOP_K_LATE, TOP_K_SWITCH_STAGE = 600, 300, 7
@@ -91,3 +92,34 @@ def stage_plan(
 def kv_cache_len(patch_nums: Sequence[int], context_tokens: int) -> int:
     """Keys cached after the last discrete stage (the final stage's keys are never cached)."""
     return context_tokens + sum(p * p for p in patch_nums[1:-1])
+
+
+@dataclass(frozen=True)
+class LoopInfo:
+    """The numbers the staged loop runs on; a bundle stores them as its manifest's ``loop`` section."""
+
+    patch_nums: tuple[int, ...]
+    context_token: int
+    vocab_size: int
+    latent_dim: int
+    head_dim: int
+    attn_type: str
+    num_phis: int
+    num_sampling_steps: str
+    system_length: int
+    default_cfg: float = HART_DEFAULT_CFG  # guidance when a caller gives none (the checkpoint's recommendation)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LoopInfo":
+        try:
+            return cls(**{f.name: _AS_TYPE[f.type](data[f.name]) for f in fields(cls)
+                          if f.default is MISSING or f.name in data})  # default_cfg: absent in older bundles
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HartkitError(f"export info: the 'loop' section is incomplete or malformed ({exc!r})") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "patch_nums": list(self.patch_nums)}
+
+
+# How from_dict converts each field, by its annotation (a string under ``from __future__ import annotations``).
+_AS_TYPE = {"tuple[int, ...]": lambda v: tuple(int(p) for p in v), "int": int, "str": str, "float": float}

@@ -1,6 +1,6 @@
 """Calibration data: the real inputs of every graph, recorded by running the reference loop on prompts.
 
-:func:`record` runs the numpy loop (:class:`~hartkit.runtime.pipeline.Pipeline`) on the eager torch
+:func:`record` runs the one sampling loop (:class:`~hartkit.loop.sampler.StagedLoop`) on the eager torch
 graphs over a prompt set (a built-in varied default, or a user's file with one prompt per line) and
 keeps, per prompt, the ordered calls of every graph. Static quantization (its activation ranges),
 sensitivity analysis (graph outputs and teacher-forced stage logits) and validation all read it.
@@ -201,16 +201,17 @@ def record(model, encoder, system_length: int, prompts: Sequence[str] | None = N
            cfg: float | None = None, max_calls: int = DEFAULT_MAX_CALLS,
            progress: Callable[[str], None] | None = None) -> CalibrationSet:
     """Run the reference loop (eager fp32 graphs) on every prompt and keep the graphs' inputs."""
-    from hartkit.bundle import LoopInfo, loop_info
-    from hartkit.runtime.backends import TorchBackend
-    from hartkit.runtime.pipeline import Pipeline
+    from hartkit.bundle import loop_info
+    from hartkit.export.torch_runner import TorchBackend
+    from hartkit.loop.plan import LoopInfo
+    from hartkit.loop.sampler import StagedLoop
 
     prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
     if not prompts:
         raise UsageError("calibration needs at least one prompt")
     backend, _ = TorchBackend.from_model(model, encoder, system_length)
     rec = _Recorder(backend, max_calls)
-    pipe = Pipeline(LoopInfo.from_dict(loop_info(model, system_length)), rec, encoder.tokenizer, backend.codebook)
+    pipe = StagedLoop(LoopInfo.from_dict(loop_info(model, system_length)), rec.run, encoder.tokenizer, backend.codebook)
     cfg = pipe.loop.default_cfg if cfg is None else cfg  # calibrate at the guidance the model will run at
     import warnings
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Protocol
 
 import numpy as np
 
-from hartkit.bundle import build_export_info, bundle_path
+from hartkit.bundle import bundle_path, past_shape
 from hartkit.errors import HartkitError, MissingDependencyError, UsageError
 
 BACKENDS = ("onnxruntime", "executorch", "coreml", "torch")
@@ -40,17 +40,19 @@ def _ordered(graph: str, names: list[str], feeds: Mapping[str, np.ndarray]) -> l
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
-    # Stage 0 runs on the ar_stage graph with an empty past (bit-exact with ar_context: full attention
-    # over no cached keys), so one session holds the AR weights: each InferenceSession prepacks its
-    # own copy of them (+0.45 GB int8, +2.9 GB fp32 at 0.7B). onnxruntime binds symbolic dims at run
-    # time, so the export's example bounds (past >= context tokens) do not stop a zero-length past.
+    # In a generation (``generation=True``), stage 0 runs on the ar_stage graph with an empty past
+    # (bit-exact with ar_context: full attention over no cached keys), so one session holds the AR
+    # weights: each InferenceSession prepacks its own copy of them (+0.45 GB int8, +2.9 GB fp32 at
+    # 0.7B). onnxruntime binds symbolic dims at run time, so the export's example bounds (past >=
+    # context tokens) do not stop a zero-length past. Opened for a parity check or bundle
+    # verification (no ``generation``), every graph runs its own file.
     context_on_stage_graph = True
     # Each session's CPU arena keeps its largest run's activations for good (the 0.7B VAE decoder alone
     # ~0.6 GB at 256 px); without it a graph's buffers are returned when it ends, so a generation peaks
     # at its largest graph instead of the sum over graphs.
     use_arena = False
 
-    def __init__(self, export_dir: Path, info: dict, threads: int | None = None) -> None:
+    def __init__(self, export_dir: Path, info: dict, threads: int | None = None, generation: bool = False) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -61,6 +63,8 @@ class OnnxRuntimeBackend:
         self._io = _graph_io(info)
         self._sessions: dict[str, Any] = {}
         self._threads = threads
+        # (depth, rows, heads, head_dim) of ar_stage's past, when stage 0 runs on that graph
+        self._stage0_past = past_shape(info) if generation and self.context_on_stage_graph else None
 
     def _session(self, graph: str):
         if graph not in self._sessions:
@@ -80,6 +84,10 @@ class OnnxRuntimeBackend:
         return self._sessions[graph]
 
     def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        if graph == "ar_context" and self._stage0_past is not None and "ar_stage" in self._files:
+            depth, rows, heads, head_dim = self._stage0_past
+            empty = np.zeros((depth, rows, heads, 0, head_dim), np.float32)
+            graph, feeds = "ar_stage", {**feeds, "past_k": empty, "past_v": empty}
         sess = self._session(graph)
         names = [i.name for i in sess.get_inputs()]
         arrays = _ordered(graph, names, feeds)
@@ -100,51 +108,6 @@ def _ort_errors(what: str):
         raise HartkitError(f"{what}: {first[:300]}") from None
 
 
-class TorchBackend:
-    """Runs the graph wrappers of :mod:`hartkit.export.graphs` eagerly (reference and debugging)."""
-
-    name = "torch"
-
-    def __init__(self, modules: Mapping[str, Any], io: Mapping[str, tuple[list[str], list[str]]]) -> None:
-        self._modules = dict(modules)
-        self._io = dict(io)
-        self.tokenizer = None
-        self.codebook: np.ndarray | None = None
-
-    @classmethod
-    def from_model(cls, model, text_encoder, system_length: int) -> tuple["TorchBackend", dict]:
-        from hartkit.export.graphs import hart_graph_specs
-
-        specs = hart_graph_specs(model, text_encoder, system_length)
-        info = build_export_info(model, system_length, specs)
-        backend = cls({s.name: s.build().eval() for s in specs}, _graph_io(info))
-        backend.tokenizer = text_encoder.tokenizer
-        backend.codebook = model.vae.quantize.embedding.weight.detach().float().numpy().copy()
-        return backend, info
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint, text_model=None) -> tuple["TorchBackend", dict]:
-        from hartkit.model.checkpoint import load_hart
-        from hartkit.model.text_encoder import TextEncoder
-
-        checkpoint = Path(checkpoint)
-        model = load_hart(checkpoint)
-        encoder = TextEncoder.from_pretrained(Path(text_model) if text_model else checkpoint / "text_model")
-        return cls.from_model(model, encoder, system_length_of(encoder.tokenizer, model.cfg.context_token))
-
-    def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        from hartkit.export.graphs import run_graph
-
-        if graph not in self._modules:
-            raise HartkitError(f"torch backend: unknown graph '{graph}'")
-        return run_graph(self._modules[graph], _ordered(graph, self._io[graph][0], feeds))
-
-
-def system_length_of(tokenizer, context_token: int) -> int:
-    """Length of the (possibly truncated) system prompt the text encoder graph is built for."""
-    return tokenizer.encode([""], context_token).system_length
-
-
 class MixedBackend:
     """Routes each graph to its backend."""
 
@@ -160,9 +123,9 @@ class MixedBackend:
         return self.overrides.get(graph, self.default)
 
 
-def _make(name: str, export_dir: Path, info: dict) -> Backend:
+def _make(name: str, export_dir: Path, info: dict, generation: bool) -> Backend:
     if name == "onnxruntime":
-        return OnnxRuntimeBackend(export_dir, info)
+        return OnnxRuntimeBackend(export_dir, info, generation=generation)
     if name == "executorch":
         from hartkit.runtime.executorch_backend import ExecuTorchBackend
 
@@ -177,7 +140,10 @@ def _make(name: str, export_dir: Path, info: dict) -> Backend:
     raise UsageError(f"unknown backend {name!r}; choose one of {list(BACKENDS)}")
 
 
-def open_backend(export_dir: Path, info: dict, backend: str, graph_backends: Mapping[str, str]) -> Backend:
+def open_backend(export_dir: Path, info: dict, backend: str, graph_backends: Mapping[str, str],
+                 generation: bool = False) -> Backend:
+    """The backend per graph. ``generation``: for the sampling loop (a backend may then serve one graph
+    through another, e.g. onnxruntime's stage 0 on ar_stage); without it every graph runs its own file."""
     known = {g["name"] for g in info["graphs"]}
     bad = sorted(set(graph_backends) - known)
     if bad:
@@ -186,7 +152,7 @@ def open_backend(export_dir: Path, info: dict, backend: str, graph_backends: Map
 
     def get(name: str) -> Backend:
         if name not in cache:
-            cache[name] = _make(name, export_dir, info)
+            cache[name] = _make(name, export_dir, info, generation)
         return cache[name]
 
     default = get(backend)

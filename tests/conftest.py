@@ -64,7 +64,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_system_length(tiny_model, tiny_text_encoder) -> int:
     """The system-prompt length S the tiny preset's graphs are built for."""
-    from hartkit.runtime.backends import system_length_of
+    from hartkit.export.torch_runner import system_length_of
 
     return system_length_of(tiny_text_encoder.tokenizer, tiny_model.cfg.context_token)
 

@@ -53,7 +53,7 @@ def _snr(ref: np.ndarray, got: np.ndarray) -> float:
 def graphs(tiny_model, tiny_text_encoder):
     """The specs and torch modules of every tiny graph."""
     from hartkit.export.graphs import hart_graph_specs
-    from hartkit.runtime.backends import system_length_of
+    from hartkit.export.torch_runner import system_length_of
 
     S = system_length_of(tiny_text_encoder.tokenizer, tiny_model.cfg.context_token)
     specs = hart_graph_specs(tiny_model, tiny_text_encoder, S)
@@ -65,7 +65,7 @@ def recorded(tiny_model, tiny_text_encoder):
     """Real inputs of every graph, recorded from one run of the reference loop on torch."""
     from hartkit.export.exporter import RecordingBackend
     from hartkit.bundle import LoopInfo, loop_info
-    from hartkit.runtime.backends import TorchBackend, system_length_of
+    from hartkit.export.torch_runner import TorchBackend, system_length_of
     from hartkit.runtime.pipeline import Pipeline
 
     S = system_length_of(tiny_text_encoder.tokenizer, tiny_model.cfg.context_token)

@@ -126,7 +126,8 @@ def test_runtime_on_executorch_matches_the_reference_sampler(et_pipe, tiny_model
 
 def test_mixed_backends_route_per_graph(et_export, et_pipe, tiny_checkpoint):
     """AR graphs on ExecuTorch, the VAE decoder on eager torch: routing by graph, same image."""
-    from hartkit.runtime.backends import MixedBackend, TorchBackend
+    from hartkit.export.torch_runner import TorchBackend
+    from hartkit.runtime.backends import MixedBackend
 
     torch_backend, _ = TorchBackend.from_checkpoint(tiny_checkpoint)
     calls: list[str] = []

@@ -200,7 +200,7 @@ def test_onnxruntime_runs_stage0_on_the_stage_graph_with_an_empty_past(onnx_bund
 
     bundle, _ = onnx_bundle
     pipe = Pipeline.from_bundle(bundle, backend="onnxruntime")
-    assert pipe._past_shape is not None and pipe._context_on_stage_graph
+    assert pipe.backend.default._stage0_past is not None
     image, trace = pipe.generate(PROMPTS[0], seed=5)
     sessions = pipe.backend.default._sessions
     assert "ar_stage" in sessions and "ar_context" not in sessions

@@ -16,6 +16,7 @@ from hartkit.model.checkpoint import GENERATION_CONFIG, load_hart, read_default_
 from hartkit.model.sampler import SamplerOptions, generate_from_prompts
 from hartkit.bundle import LoopInfo
 from hartkit.runtime.pipeline import Pipeline
+from hartkit.validate.core import keep_logits
 
 PROMPT = "a red circle above a blue square on a yellow background"
 
@@ -84,11 +85,12 @@ def test_runtime_reads_the_bundles_default(onnx_bundle):
     assert LoopInfo.from_dict(old).default_cfg == HART_DEFAULT_CFG  # bundles written before the field
     pipe = Pipeline.from_exported(folder)
     pipe.loop = dataclasses.replace(pipe.loop, default_cfg=1.0)
-    _, by_default = pipe.generate(PROMPT, seed=1, keep_logits=True)
-    _, explicit = pipe.generate(PROMPT, seed=1, cfg=1.0, keep_logits=True)
-    _, hart = pipe.generate(PROMPT, seed=1, cfg=HART_DEFAULT_CFG, keep_logits=True)
-    assert all(np.array_equal(a, b) for a, b in zip(by_default.stage_logits, explicit.stage_logits))
-    assert not np.allclose(by_default.stage_logits[2], hart.stage_logits[2])
+    by_default, explicit, hart = [], [], []
+    pipe.generate(PROMPT, seed=1, callback_on_stage_end=keep_logits(by_default))
+    pipe.generate(PROMPT, seed=1, cfg=1.0, callback_on_stage_end=keep_logits(explicit))
+    pipe.generate(PROMPT, seed=1, cfg=HART_DEFAULT_CFG, callback_on_stage_end=keep_logits(hart))
+    assert all(np.array_equal(a, b) for a, b in zip(by_default, explicit))
+    assert not np.allclose(by_default[2], hart[2])
 
 
 def test_export_carries_the_checkpoints_default(tiny_checkpoint, tmp_path):

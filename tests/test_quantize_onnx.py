@@ -231,7 +231,7 @@ def test_runtime_on_the_phone_export_samples_like_the_eager_quantized_graphs(pho
     from hartkit.quantize.apply import realize
     from hartkit.quantize.layers import discover
     from hartkit.quantize.recipe import Recipe, resolve
-    from hartkit.runtime.backends import TorchBackend
+    from hartkit.export.torch_runner import TorchBackend
     from hartkit.runtime.pipeline import Pipeline
 
     out, _ = phone_export

@@ -28,7 +28,7 @@ def setup(tiny_model, tiny_text_encoder, tiny_system_length, tmp_path_factory):
 def test_calibration_round_trips_compactly_and_rebuilds_the_cache(setup, tiny_model, tiny_text_encoder):
     from hartkit.export.graphs import hart_graph_specs
     from hartkit.quantize.calibration import replay_fns
-    from hartkit.runtime.backends import TorchBackend
+    from hartkit.export.torch_runner import TorchBackend
     from hartkit.bundle import LoopInfo, loop_info
     from hartkit.runtime.pipeline import Pipeline
 

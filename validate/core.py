@@ -9,7 +9,7 @@ For a fixed set of prompts x seeds:
    - *per graph*: the recorded inputs through the row's backend; max abs error, cosine and SNR of
      every output (worst over calls and outputs);
    - *teacher-forced, per stage*: the row generates with the fp32 run's tokens and latents forced at
-     every stage (``Pipeline.generate(teacher=...)``), so each stage sees the reference's inputs;
+     every stage (a ``callback_on_stage_end`` that returns them), so each stage sees the reference's inputs;
      its CFG-mixed logits against the reference's: KL, top-1 agreement, top-k overlap; and the
      residual diffusion head's output (same tokens, same noise draws) against the reference's;
    - *free-running*: the row generates on its own with the same seed; token agreement per stage,
@@ -32,7 +32,8 @@ import numpy as np
 
 from hartkit.errors import HartkitError, MissingDependencyError, UsageError
 from hartkit.export.exporter import RecordingBackend
-from hartkit.runtime.pipeline import Pipeline, RuntimeTrace
+from hartkit.loop.sampler import Trace
+from hartkit.runtime.pipeline import Pipeline
 from hartkit.loop import metrics as M
 from hartkit.validate.references import References
 from hartkit.validate.thresholds import Failure, misses, resolve
@@ -247,11 +248,12 @@ class ReferenceRuns:
     cfg: float
     topk: int
     runs: list[tuple[str, int]]
-    fp32: list[tuple[np.ndarray, RuntimeTrace]]
+    fp32: list[tuple[np.ndarray, Trace]]
     recorded: dict[str, list[tuple[dict, list[np.ndarray]]]]
     fp16: Row | None = None
     fp32_caption: dict | None = None
     notes: list[str] = field(default_factory=list)
+    fp32_logits: list[list[np.ndarray]] = field(default_factory=list)  # per run, per stage: CFG-mixed logits
 
     @property
     def fp16_images(self) -> list[np.ndarray] | None:
@@ -278,6 +280,25 @@ class BudgetRecorder(RecordingBackend):
         return out
 
 
+def keep_logits(into: list):
+    """A stage callback that appends each stage's CFG-mixed logits to ``into``."""
+
+    def keep(si: int, state: dict) -> None:
+        into.append(state["logits"])
+
+    return keep
+
+
+def teacher_forced(teacher: Trace, logits_into: list):
+    """A stage callback that keeps the logits and feeds on the teacher's tokens and latents at every stage."""
+
+    def force(si: int, state: dict) -> dict:
+        logits_into.append(state["logits"])
+        return {"tokens": teacher.tokens[si], "latents": teacher.latents[si]}
+
+    return force
+
+
 def run_references(refs: References, prompts: Sequence[str] = DEFAULT_PROMPTS, seeds: Sequence[int] = DEFAULT_SEEDS,
                    cfg: float | None = None, *, fp16: bool = True, topk: int = TOPK,
                    record_budget_mb: float = RECORD_BUDGET_MB, progress: Progress | None = None) -> ReferenceRuns:
@@ -295,13 +316,16 @@ def run_references(refs: References, prompts: Sequence[str] = DEFAULT_PROMPTS, s
     cfg = refs.loop.default_cfg if cfg is None else cfg  # the checkpoint's recommended guidance
     recorder = BudgetRecorder(refs.torch_backend, budget_bytes=int(record_budget_mb * 2**20))
     pipe = Pipeline(refs.loop, recorder, refs.fp32.tokenizer, refs.codebook)
-    fp32 = []
+    fp32, fp32_logits = [], []
     for i, (prompt, seed) in enumerate(runs):
         if i == 1:
             recorder.always = set()
-        fp32.append(pipe.generate(prompt, seed=seed, cfg=cfg, keep_logits=True))
+        logits: list[np.ndarray] = []
+        fp32.append(pipe.generate(prompt, seed=seed, cfg=cfg, callback_on_stage_end=keep_logits(logits)))
+        fp32_logits.append(logits)
         say(f"fp32 reference {i + 1}/{len(runs)}")
-    out = ReferenceRuns(refs, list(prompts), list(seeds), cfg, topk, runs, fp32, recorder.calls)
+    out = ReferenceRuns(refs, list(prompts), list(seeds), cfg, topk, runs, fp32, recorder.calls,
+                        fp32_logits=fp32_logits)
     out.fp32_caption = caption_accuracy([img for img, _ in fp32], [p for p, _ in runs], out.notes)
     if fp16:
         row = Row("torch (fp16 autocast)", "reference", "torch", "torch-fp16", "fp16")
@@ -388,15 +412,17 @@ def score_row(row: Row, pipe: Pipeline, ref: ReferenceRuns, progress: Progress |
     logit_err = [0.0] * n_stages
     kl_worst = [0.0] * n_stages
     fp16_images = ref.fp16_images
-    for i, ((prompt, seed), (ref_image, ref_trace)) in enumerate(zip(ref.runs, ref.fp32)):
+    for i, ((prompt, seed), (ref_image, ref_trace), ref_logits) in enumerate(zip(ref.runs, ref.fp32, ref.fp32_logits)):
         try:
-            tf_image, tf_trace = pipe.generate(prompt, seed=seed, cfg=ref.cfg, keep_logits=True, teacher=ref_trace)
+            tf_logits: list[np.ndarray] = []
+            tf_image, tf_trace = pipe.generate(prompt, seed=seed, cfg=ref.cfg,
+                                               callback_on_stage_end=teacher_forced(ref_trace, tf_logits))
             image, trace = pipe.generate(prompt, seed=seed, cfg=ref.cfg)
         except Exception as exc:  # noqa: BLE001 - a backend that cannot run the loop: the row fails
             raise GenerationFailed(f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
         run = RunScore(prompt, seed)
         for si in range(n_stages):
-            a, b = ref_trace.stage_logits[si], tf_trace.stage_logits[si]
+            a, b = ref_logits[si], tf_logits[si]
             kl = M.kl_divergence(a, b)
             acc["kl"][si].append(kl.ravel())
             kl_worst[si] = max(kl_worst[si], float(kl.max(initial=0.0)))

@@ -1,4 +1,4 @@
-"""Host-side sampling math in numpy (fp32), the runtime's twin of ``hartkit.model.sampler``.
+"""Host-side sampling math in numpy (fp32), the staged loop's twin of ``hartkit.model.sampler``.
 
 Same operations in the same order as the torch reference: CFG mix, top-k (ties survive) and optional
 top-p masking, ``argmax(softmax / E)`` for the hard index, and the Gumbel-softmax mixture of codebook
