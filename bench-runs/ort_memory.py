@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                              check=True, capture_output=True, text=True).stdout
         rows.append({"arena": arena, "context_on_stage": ctx, **json.loads(out.strip().splitlines()[-1])})
     base = rows[0]
-    print(f"| arena | stage 0 on | seconds | vs before | peak RSS (GB) | vs before | tokens as before |")
+    print("| arena | stage 0 on | seconds | vs before | peak RSS (GB) | vs before | tokens as before |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {'on' if r['arena'] else 'off'} | {'ar_stage' if r['context_on_stage'] else 'ar_context'} | "

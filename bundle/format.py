@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any, Mapping
 
 from hartkit.errors import HartkitError
 from hartkit.loop.plan import LoopInfo

@@ -179,7 +179,7 @@ def verify_loop(folder: Path, manifest: dict, backend: str, report: VerifyReport
         return
     ok = first_bad is None and quality >= 40.0
     if not ok:
-        report.fail(f"golden loop: " + (f"tokens differ from stage {first_bad} on" if first_bad is not None else
+        report.fail("golden loop: " + (f"tokens differ from stage {first_bad} on" if first_bad is not None else
                                         f"image PSNR {quality:.1f} dB < 40 dB"))
     report.golden.append({"graph": "loop", "ok": ok, "max_abs_err": None,
                           "first_divergent_stage": first_bad, "psnr_db": quality})

@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import pytest
+
+# Prepended to code run by `without_torch`: any import of torch fails, as in a torch-free install.
+_BLOCK_TORCH = """import sys
+class _BlockTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, _BlockTorch())
+"""
+
+
+@pytest.fixture
+def without_torch() -> Callable[..., subprocess.CompletedProcess]:
+    """Run Python code in a fresh interpreter in which torch cannot be imported."""
+
+    def run(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _BLOCK_TORCH + code], capture_output=True, text=True,
+                              timeout=timeout)
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -221,16 +219,10 @@ def test_missing_method_file_and_bad_inputs_are_named(et_export, tmp_path):
         Pipeline.from_exported(broken, backend="executorch").generate(PROMPT, seed=0)
 
 
-def test_backend_module_imports_without_torch(et_export):
+def test_backend_module_imports_without_torch(et_export, without_torch):
     """The module imports with torch blocked; the backend then says what it needs."""
     out, _, _ = et_export
     code = f"""
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked in this test")
-sys.meta_path.insert(0, Block())
 from hartkit.errors import MissingDependencyError
 from hartkit.runtime.executorch_backend import ExecuTorchBackend
 from hartkit.bundle import read_manifest
@@ -240,7 +232,7 @@ except MissingDependencyError as exc:
     print("missing:", exc)
 assert "torch" not in sys.modules
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    res = without_torch(code, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "missing: backend 'executorch' needs" in res.stdout
 

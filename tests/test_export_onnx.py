@@ -8,9 +8,6 @@ reference sampler for the same seed and give an image within PSNR >= 40 dB.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -79,15 +76,9 @@ def test_pipeline_call_returns_a_pil_image(onnx_export):
     assert image.size == (32, 32) and image.mode == "RGB"
 
 
-def test_runtime_imports_and_runs_without_torch(onnx_export):
+def test_runtime_imports_and_runs_without_torch(onnx_export, without_torch):
     out, _ = onnx_export
     code = f"""
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked in this test")
-sys.meta_path.insert(0, Block())
 import hartkit.runtime
 from hartkit.runtime.pipeline import Pipeline
 pipe = Pipeline.from_exported({str(out)!r}, backend="onnxruntime")
@@ -95,21 +86,15 @@ img, trace = pipe.generate("a red circle", seed=0)
 assert "torch" not in sys.modules
 print("ok", img.shape)
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    res = without_torch(code, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "ok (32, 32, 3)" in res.stdout
 
 
-def test_cli_generate_exported_with_every_option_runs_without_torch(onnx_export, tmp_path):
+def test_cli_generate_exported_with_every_option_runs_without_torch(onnx_export, tmp_path, without_torch):
     out, _ = onnx_export
     png = tmp_path / "x.png"
     code = f"""
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked in this test")
-sys.meta_path.insert(0, Block())
 from hartkit.cli import main
 rc = main(["generate", "--exported", {str(out)!r}, "--backend", "onnxruntime", "--graph-backend",
            "vae_decode=onnxruntime", "--prompt", "a red circle", "--prompt", "a cat", "--seed", "7", "--cfg", "2",
@@ -118,7 +103,7 @@ rc2 = main(["bundle", "verify", {str(out)!r}])
 assert "torch" not in sys.modules
 print("rc", rc, rc2)
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    res = without_torch(code, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "rc 0 0" in res.stdout, res.stdout + res.stderr[-3000:]
     assert (tmp_path / "x-0.png").is_file() and (tmp_path / "x-1.png").is_file()
