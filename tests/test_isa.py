@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -71,7 +72,9 @@ def test_seven_bit_weights_sum_exactly_on_avx2(k, n, seed):
 
 
 @settings(max_examples=30, deadline=None)
-@given(w=arrays(np.float32, (5, 12), elements=st.floats(-8, 8, width=32)))
+# magnitudes below 2**-10 (down to subnormal scales) would test float32's precision, not the rule
+@given(w=arrays(np.float32, (5, 12), elements=st.one_of(st.just(0.0), st.floats(1 / 1024, 8, width=32),
+                                                        st.floats(-8, -1 / 1024, width=32))))
 def test_w8a8_weights_stay_in_the_seven_bit_range(w):
     """The eager rule of onnx w8a8 (what the exported file must hold): |q| <= 64 per channel."""
     import torch
@@ -255,5 +258,7 @@ def test_on_an_emulated_avx2_cpu_the_laptop_bundle_loads_and_a_full_range_one_is
     assert "isa avx2" in good.stdout and "LOADED" in good.stdout, good.stdout
     refused = run_on_avx2(_SELF_CHECK.replace("sys.argv[1]", repr(str(bad))))
     assert refused.returncode == 0, refused.stderr[-2000:]
-    assert "REFUSED" in refused.stdout and "graph ar_stage on onnxruntime" in refused.stdout, refused.stdout
+    # ar_context runs on the ar_stage session (empty past) in a pipeline: either graph names the file
+    assert "REFUSED" in refused.stdout and re.search(r"graph ar_(stage|context) on onnxruntime", refused.stdout), \
+        refused.stdout
     assert "this CPU (avx2" in refused.stdout
