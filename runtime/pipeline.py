@@ -19,19 +19,12 @@ from hartkit.bundle import (BundleError, LoopInfo, check_or_raise, load_codebook
 from hartkit.loop.prompt import PromptTokenizer
 from hartkit.loop.sampler import StageCallback, StagedLoop, Trace
 
-_LOCK_GUARD = threading.Lock()
-
-
 def _one_at_a_time(method):
     """Run a method of a shared Pipeline under the pipeline's lock (reentrant: generate calls encode_prompt)."""
 
     @functools.wraps(method)
     def locked(self, *args, **kwargs):
-        lock = self.__dict__.get("_generation_lock")
-        if lock is None:  # made on first use, so every way of building a Pipeline gets one
-            with _LOCK_GUARD:
-                lock = self.__dict__.setdefault("_generation_lock", threading.RLock())
-        with lock:
+        with self._generation_lock:
             return method(self, *args, **kwargs)
 
     return locked
@@ -52,6 +45,7 @@ class Pipeline:
 
     def __init__(self, loop: LoopInfo, backend, tokenizer: PromptTokenizer, codebook: np.ndarray) -> None:
         self.backend = backend
+        self._generation_lock = threading.RLock()
         # The backend is looked up per call (self._run), so a caller may swap or wrap it.
         self.sampler = StagedLoop(loop, self._run, tokenizer, codebook)
 
