@@ -301,12 +301,20 @@ def copy_models(model, encoder):
 
 
 def apply_weights(model, encoder, schemes: Mapping[str, Scheme], fmt: str,
-                  kinds: Mapping[str, str] | None = None) -> None:
-    """In place: every named layer's weight replaced by its fake-quantized value."""
+                  kinds: Mapping[str, str] | None = None, given: Mapping[str, np.ndarray] | None = None) -> None:
+    """In place: every named layer's weight replaced by its fake-quantized value.
+
+    ``given``: layer -> the dequantized weight an algorithm chose (``OnnxQuantReport.calibrated``), used
+    as it is instead of rounding the layer's own weight."""
     mods = layer_modules(model, encoder)
     with torch.no_grad():
+        for name, w in (given or {}).items():
+            if tuple(w.shape) != tuple(mods[name].weight.shape):
+                raise ValueError(f"{name}: given weight of shape {tuple(w.shape)}, the layer's is "
+                                 f"{tuple(mods[name].weight.shape)}")
+            mods[name].weight.copy_(torch.as_tensor(np.asarray(w), dtype=mods[name].weight.dtype))
         for name, scheme in schemes.items():
-            if scheme.name == "fp32":
+            if scheme.name == "fp32" or name in (given or {}):
                 continue
             mod = mods[name]
             kind = (kinds or {}).get(name) or ("conv" if isinstance(mod, nn.Conv2d) else

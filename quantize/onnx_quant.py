@@ -19,6 +19,14 @@ int8            ``MatMulNBitsQuantizer(bits=8, symmetric, block = see fakequant.
 fp16            weight initializer stored as float16 + a ``Cast`` to float32 (compute stays fp32)
 ==============  ===============================================================================
 
+Weight algorithms of the 4-bit schemes (``int4-g64-gptq``, ``8da4w-g64-hqq``): ``gptq`` records each
+MatMul's input over the calibration feeds with onnxruntime (the graph's own tensors, made outputs),
+runs :func:`hartkit.quantize.algorithms.gptq` on the weight, and lets the ordinary int4 pass store the
+result (it lies on that pass's grid, so the pass changes nothing); ``hqq`` is onnxruntime's
+``HQQWeightOnlyQuantConfig`` (float zero points). Either way the weights the file computes with are
+returned in :attr:`OnnxQuantReport.calibrated` (layer -> ``[out, in]`` float32): what an eager
+reference of the file must use instead of rounding the original weights.
+
 Both uint8-activation passes use ``reduce_range`` (weights in [-64, 64]): MLAS multiplies uint8 by
 int8 with VPMADDUBSW on AVX2 and AVX-512 without VNNI, whose pairwise int16 sums saturate beyond
 32767; 2 * 255 * 64 = 32640 cannot, so the same file computes the same on every CPU (see
@@ -59,11 +67,16 @@ class OnnxQuantReport:
     tensor_bytes_before: int = 0  # initializers only: what the scheme changes
     tensor_bytes_after: int = 0
     ops: dict[str, int] = field(default_factory=dict)
+    # layer -> the dequantized weight ([out, in], float32) the file holds, for layers whose weights an
+    # algorithm other than round-to-nearest chose (not serialised: the eager reference reads it)
+    calibrated: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    algorithms: dict[str, str] = field(default_factory=dict)  # layer -> algorithm (non-rtn only)
 
     def to_json(self) -> dict:
         return {"graph": self.graph, "gemm_rewritten": self.gemm_rewritten, "bytes_before": self.bytes_before,
                 "bytes_after": self.bytes_after, "tensor_bytes_before": self.tensor_bytes_before,
                 "tensor_bytes_after": self.tensor_bytes_after, "ops": self.ops,
+                **({"algorithms": self.algorithms} if self.algorithms else {}),
                 "nodes": {n: {"layer": l, "scheme": s} for n, (l, s) in self.nodes.items()}}
 
 
@@ -305,17 +318,109 @@ def file_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
+def _matmul_input_hessians(model, nodes: Mapping[str, str], feeds: Iterable[Mapping[str, np.ndarray]],
+                           work: Path, large: bool) -> dict[str, "Hessian"]:
+    """initializer name -> Hessian of the inputs of every MatMul (in ``nodes``: node -> initializer)
+    that reads it, over ``feeds``: the graph itself is run by onnxruntime with those inputs made outputs."""
+    import onnx
+    import onnxruntime as ort
+
+    from hartkit.quantize.algorithms import Hessian
+
+    by_name = {n.name: n for n in model.graph.node}
+    tensors = {by_name[n].input[0] for n in nodes}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    for t in sorted(tensors - have):
+        probe.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    src = work / "probe.onnx"
+    if large:
+        onnx.save_model(probe, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=src.name + ".data")
+    else:
+        onnx.save_model(probe, str(src))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors as exported
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    order = sorted(tensors)
+    inits = _initializers(model)
+    hs: dict[str, Hessian] = {}
+    for node, init in nodes.items():
+        if init not in hs:
+            hs[init] = Hessian(int(inits[init].dims[0]))
+    count = 0
+    for item in feeds:
+        outs = dict(zip(order, sess.run(order, {n: np.ascontiguousarray(item[n]) for n in names})))
+        for node, init in nodes.items():
+            hs[init].add(outs[by_name[node].input[0]])
+        count += 1
+    if not count:
+        raise HartkitError("gptq: the calibration set has no call of this graph")
+    return hs
+
+
+def _gptq_weights(model, members: list[str], block: int, bits: int, feeds, work: Path, large: bool) -> dict[str, np.ndarray]:
+    """GPTQ every member node's weight in place (same initializer: one Hessian over all its readers);
+    -> initializer name -> new ``[K, N]`` weight."""
+    import torch
+    from onnx import numpy_helper
+
+    from hartkit.quantize.algorithms import gptq
+
+    by_name = {n.name: n for n in model.graph.node}
+    nodes = {m: by_name[m].input[1] for m in members}
+    hs = _matmul_input_hessians(model, nodes, feeds, work, large)
+    inits = _initializers(model)
+    out = {}
+    for init, h in hs.items():
+        b = numpy_helper.to_array(inits[init])  # [K, N] = W^T
+        w_q = gptq(torch.from_numpy(np.ascontiguousarray(b.T)), h.matrix(), bits=bits, group=block).numpy()
+        new = np.ascontiguousarray(w_q.T.astype(np.float32))
+        inits[init].CopyFrom(numpy_helper.from_array(new, init))
+        out[init] = new
+    return out
+
+
+def _dequantize_nbits(model, node) -> np.ndarray:
+    """The ``[K, N]`` float32 weight a 4-bit MatMulNBits node computes with (uint8 or float zero points).
+    Unpacked by hand: onnxruntime has no Python call that dequantizes a MatMulNBits blob."""
+    from onnx import helper, numpy_helper
+
+    inits = _initializers(model)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+    if bits != 4:
+        raise HartkitError(f"{node.name}: dequantizing {bits}-bit MatMulNBits is not supported")
+    blob = numpy_helper.to_array(inits[node.input[1]]).reshape(n, -1, block // 2)
+    q = np.stack([blob & 0x0F, blob >> 4], axis=-1).reshape(n, -1, block).astype(np.float32)
+    scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32).reshape(n, -1, 1)
+    if len(node.input) > 3 and node.input[3]:
+        zp = numpy_helper.to_array(inits[node.input[3]])
+        if zp.dtype == np.uint8:
+            zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, : q.shape[1]]
+        zp = zp.astype(np.float32).reshape(n, -1, 1)
+    else:
+        zp = np.float32(8.0)
+    w = ((q - zp) * scales).reshape(n, -1)[:, :k]
+    return np.ascontiguousarray(w.T)
+
+
 def quantize_onnx_graph(path: Path, graph: str, weights: Mapping[str, tuple[str, np.ndarray]],
                         scheme_of: Callable[[str], Scheme],
                         calibration: Callable[[], Iterable[Mapping[str, np.ndarray]]] | None = None) -> OnnxQuantReport:
     """Quantize one exported graph file in place.
 
     ``weights``: the fp32 weights of the layers this graph uses (layer -> (kind, array));
-    ``scheme_of``: the layer's scheme; ``calibration``: returns fresh feeds for w8a8_static.
+    ``scheme_of``: the layer's scheme; ``calibration``: returns fresh feeds (w8a8_static, gptq).
     """
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig, HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer,
+    )
 
     report = OnnxQuantReport(graph, bytes_before=file_bytes(path), tensor_bytes_before=initializer_bytes(path))
     model = _load(path)
@@ -362,26 +467,53 @@ def quantize_onnx_graph(path: Path, graph: str, weights: Mapping[str, tuple[str,
                              use_external_data_format=large)
             model = _load(dst)
         gathers = {n.name for n in model.graph.node if n.op_type == "Gather"}
-        nbits: dict[tuple[int, int, int], list[str]] = {}
+        nbits: dict[tuple[int, int, int, str], list[str]] = {}
         for name in ("int4", "int8", "8da4w", "8da8w"):
             for node in groups.get(name, []):
                 layer = nodes[node][0]
                 s = scheme_of(layer)
                 k = weights[layer][1].shape[1]
                 level = 4 if s.info.activations == "dynamic" else 0
-                nbits.setdefault((s.bits, ort_block_size(k, s), level), []).append(node)
-        for (bits, block, level), members in sorted(nbits.items()):
+                nbits.setdefault((s.bits, ort_block_size(k, s), level, s.algorithm), []).append(node)
+        gptq_nodes = [m for (_b, _k, _l, algo), ms in nbits.items() if algo == "gptq" for m in ms]
+        if gptq_nodes:
+            if calibration is None:
+                raise HartkitError(f"graph {graph}: gptq weights need calibration inputs (recorded feeds of "
+                                   f"this graph) for {', '.join(sorted({nodes[n][0] for n in gptq_nodes}))}")
+            for (bits, block, _level, algo), members in sorted(nbits.items()):
+                if algo == "gptq":
+                    done = _gptq_weights(model, members, block, bits, calibration(), work, large)
+                    for m in members:
+                        layer = nodes[m][0]
+                        report.algorithms[layer] = "gptq"
+                        report.calibrated[layer] = np.ascontiguousarray(
+                            done[next(n for n in model.graph.node if n.name == m).input[1]].T)
+        by_out = {}
+        for (bits, block, level, algo), members in sorted(nbits.items()):
             # int4 embeddings (Gather) become GatherBlockQuantized: rows stored in int4, blocks along
             # the hidden size, dequantized as they are looked up (the quantizer does Gather in 4 bits only).
             ops = ("MatMul", "Gather") if any(n in gathers for n in members) else ("MatMul",)
-            cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits,
-                                               accuracy_level=level, op_types_to_quantize=ops)
+            if algo == "hqq":
+                cfg = HQQWeightOnlyQuantConfig(block_size=block, bits=bits, op_types_to_quantize=("MatMul",))
+            else:  # rtn, and gptq whose weights already lie on this grid
+                cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits,
+                                                   accuracy_level=level, op_types_to_quantize=ops)
             # nodes_to_include is OR-ed with op_types_to_quantize in onnxruntime 1.32 (it does not
             # restrict anything): exclude every other MatMul (and Gather) instead.
             others = [n.name for n in model.graph.node if n.op_type in ops and n.name not in members]
+            if algo == "hqq":
+                by_out = {n.output[0]: n.name for n in model.graph.node if n.name in members}
             q = MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=cfg)
             q.process()
             model = q.model.model
+            if algo == "hqq":
+                for n in model.graph.node:
+                    if n.op_type == "MatMulNBits" and n.output[0] in by_out:
+                        if level:  # HQQ's config takes no accuracy level: the int8-compute schemes set it
+                            n.attribute.append(helper_attr("accuracy_level", level))
+                        layer = nodes[by_out[n.output[0]]][0]
+                        report.algorithms[layer] = "hqq"
+                        report.calibrated[layer] = np.ascontiguousarray(_dequantize_nbits(model, n).T)
         fp16 = [(n, nodes[n][1]) for n in groups.get("fp16", [])]
         if fp16:
             _fp16_weights(model, fp16)
@@ -392,6 +524,12 @@ def quantize_onnx_graph(path: Path, graph: str, weights: Mapping[str, tuple[str,
     for n in model.graph.node:
         report.ops[n.op_type] = report.ops.get(n.op_type, 0) + 1
     return report
+
+
+def helper_attr(name: str, value: int):
+    from onnx import helper
+
+    return helper.make_attribute(name, value)
 
 
 def _check_all_applied(model, groups: Mapping[str, list[str]], graph: str) -> None:

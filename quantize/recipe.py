@@ -11,10 +11,23 @@ A recipe is a small JSON or YAML file::
       vae: fp16
     layers:                     # optional; glob patterns on "component/path"; later entries win
       "ar_transformer/head": int8
-      "ar_transformer/blocks.*.attn.*": {scheme: int4, group_size: 64}
+      "ar_transformer/blocks.*.attn.*": {scheme: int4, group_size: 64, algorithm: gptq}
+    mixed:                      # optional: per-layer bits from a sensitivity pass on the checkpoint at hand
+      components: [ar_transformer, text_encoder]
+      high: int8                # the most sensitive layers get this, while the mix stays within
+      avg_bits: 5.0             # stored bits per weight (scales included) of those components
     formats:                    # optional per-format overrides, same keys as above
       executorch:
         components: {text_encoder: 8da4w, ar_transformer: 8da4w, diffusion_head: 8da8w}
+
+A scheme's ``algorithm`` (``rtn``, the default; ``gptq``; ``hqq``: see ``schemes.ALGORITHMS``) says how
+its integer weights are chosen; ``"int4-g64-gptq"`` is short for ``{scheme: int4, group_size: 64,
+algorithm: gptq}``. A format that lacks the algorithm is refused with the ones it has.
+
+A ``mixed`` section is expanded into layer entries by :func:`hartkit.quantize.sensitivity.expand_mixed`
+(it needs the model and calibration inputs); the expanded section (``mixed.expanded``, per format)
+records the ranking, the budget reached and why each layer got its scheme, and :func:`resolve`
+refuses a recipe whose ``mixed`` section was not expanded.
 
 :func:`resolve` turns a recipe into a :class:`Plan` for one format and one model: the scheme of every
 layer, with every fallback spelled out (a group size that does not divide a layer, a layer kind the
@@ -34,11 +47,15 @@ from typing import Any, Mapping
 from hartkit.errors import UsageError
 from hartkit.quantize.layers import Layer, LayerTable
 from hartkit.quantize.schemes import (
-    COMPONENTS, FORMATS, GROUP_SIZES, MAIN_KIND, SUPPORT, Scheme, cell, float_fallback, refusal, unknown,
+    COMPONENTS, FORMATS, GROUP_SIZES, MAIN_KIND, SUPPORT, Scheme, algorithm_refusal, algorithm_supported, cell,
+    float_fallback, refusal, unknown,
 )
 
-RECIPE_KEYS = ("name", "description", "default", "components", "layers", "formats")
-OVERRIDE_KEYS = ("default", "components", "layers")
+RECIPE_KEYS = ("name", "description", "default", "components", "layers", "mixed", "formats")
+OVERRIDE_KEYS = ("default", "components", "layers", "mixed")
+MIXED_KEYS = ("components", "high", "avg_bits", "budget_mb", "granularity", "expanded")
+# Components whose layers a mixed section may rank: the ones the sampling chain's logits pass through.
+MIXED_COMPONENTS = ("text_encoder", "ar_transformer")
 RECIPE_FILE = "recipe.json"
 
 PRESETS: dict[str, dict] = {
@@ -84,6 +101,26 @@ PRESETS: dict[str, dict] = {
                                                              "diffusion_head": "8da8w", "vae": "fp32"}},
         },
     },
+    "phone-quality": {
+        "name": "phone-quality",
+        "description": "phone with GPTQ int4 weights (onnx) and the layers that hurt most at int8, chosen per "
+                       "checkpoint by a sensitivity pass within 1.25x the int4 bit limit",
+        "components": {"text_encoder": "int4", "ar_transformer": "int4", "diffusion_head": "int8", "vae": "fp16"},
+        "formats": {
+            # 5.0 stored bits per weight = 1.25x the int4 limit: 8da4w-g64 costs 4.5 (fp32 scale per 64),
+            # so about 14 % of the text encoder's and AR transformer's weights can go to 8 bits.
+            "onnx": {"components": {"text_encoder": "8da4w-g64-gptq", "ar_transformer": "8da4w-g64-gptq",
+                                    "diffusion_head": "8da8w"},
+                     "layers": {"text_encoder/embed_tokens": "int4-g64"},
+                     "mixed": {"components": ["text_encoder", "ar_transformer"], "high": "8da8w", "avg_bits": 5.0}},
+            # torchao's 8da4w-g32 already stores 5.25 bits per weight (fp32 scale and zero point per 32):
+            # the same share of 8-bit layers costs 5.75 there.
+            "executorch": {"default": "fp32", "components": {"text_encoder": "8da4w", "ar_transformer": "8da4w",
+                                                             "diffusion_head": "8da8w", "vae": "fp32"},
+                           "mixed": {"components": ["text_encoder", "ar_transformer"], "high": "8da8w",
+                                     "avg_bits": 5.75}},
+        },
+    },
 }
 
 
@@ -94,8 +131,9 @@ class Recipe:
     default: Scheme = field(default_factory=lambda: Scheme("fp32"))
     components: dict[str, Scheme] = field(default_factory=dict)
     layers: list[tuple[str, Scheme]] = field(default_factory=list)  # (glob pattern, scheme), in order
-    formats: dict[str, dict] = field(default_factory=dict)  # fmt -> {"default", "components", "layers"}
+    formats: dict[str, dict] = field(default_factory=dict)  # fmt -> {"default", "components", "layers", "mixed"}
     source: str = ""  # preset name or file path (for messages)
+    mixed: dict | None = None  # see MIXED_KEYS; None: no sensitivity pass
 
     # ------------------------------------------------------------------ parsing
     @classmethod
@@ -111,6 +149,7 @@ class Recipe:
         if not isinstance(description, str):
             raise UsageError(f"{source}: 'description' must be a string")
         default, components, layers = _parse_section(data, source)
+        mixed = _parse_mixed(data.get("mixed"), source)
         formats: dict[str, dict] = {}
         raw_formats = data.get("formats") or {}
         if not isinstance(raw_formats, Mapping):
@@ -122,8 +161,9 @@ class Recipe:
                 raise UsageError(f"{source}: formats.{fmt} must be a mapping with keys {', '.join(OVERRIDE_KEYS)}")
             _check_keys(section, OVERRIDE_KEYS, f"{source}: formats.{fmt} key")
             d, c, l = _parse_section(section, f"{source}: formats.{fmt}")
-            formats[fmt] = {"default": d if "default" in section else None, "components": c, "layers": l}
-        return cls(name, description, default or Scheme("fp32"), components, layers, formats, source)
+            formats[fmt] = {"default": d if "default" in section else None, "components": c, "layers": l,
+                            "mixed": _parse_mixed(section.get("mixed"), f"{source}: formats.{fmt}")}
+        return cls(name, description, default or Scheme("fp32"), components, layers, formats, source, mixed)
 
     @classmethod
     def load(cls, spec: "str | Path | Mapping | Recipe") -> "Recipe":
@@ -143,7 +183,7 @@ class Recipe:
         return cls.from_dict(_read_file(path), source=str(path))
 
     def to_dict(self) -> dict:
-        def sec(default, components, layers) -> dict:
+        def sec(default, components, layers, mixed) -> dict:
             out: dict[str, Any] = {}
             if default is not None:
                 out["default"] = default.label
@@ -151,12 +191,15 @@ class Recipe:
                 out["components"] = {c: s.label for c, s in components.items()}
             if layers:
                 out["layers"] = [{"pattern": p, "scheme": s.label} for p, s in layers]
+            if mixed is not None:
+                out["mixed"] = copy.deepcopy(mixed)
             return out
 
         out = {"name": self.name, "description": self.description}
-        out.update(sec(self.default, self.components, self.layers))
+        out.update(sec(self.default, self.components, self.layers, self.mixed))
         if self.formats:
-            out["formats"] = {f: sec(o["default"], o["components"], o["layers"]) for f, o in self.formats.items()}
+            out["formats"] = {f: sec(o["default"], o["components"], o["layers"], o.get("mixed"))
+                              for f, o in self.formats.items()}
         return out
 
     def save(self, path: Path) -> None:
@@ -177,7 +220,20 @@ class Recipe:
         return default, components, layers
 
     def uses_calibration(self, formats) -> bool:
-        return any(s.info.activations == "static" for f in formats for s in self._all_schemes(f))
+        """Recorded inputs are needed: static activation ranges, a calibrated weight algorithm (gptq) or
+        a mixed section still to expand (its sensitivity pass)."""
+        return any(s.info.activations == "static" or s.calibrated for f in formats for s in self._all_schemes(f)) \
+            or any(self.mixed_for(f) is not None and not self.mixed_for(f).get("expanded") for f in formats)
+
+    def mixed_for(self, fmt: str) -> dict | None:
+        """The mixed section that applies on ``fmt`` (the format's own, else the recipe's)."""
+        over = self.formats.get(fmt)
+        if over and over.get("mixed") is not None:
+            return over["mixed"]
+        return self.mixed
+
+    def algorithms(self, fmt: str) -> set[str]:
+        return {s.algorithm for s in self._all_schemes(fmt)}
 
     def _all_schemes(self, fmt: str) -> list[Scheme]:
         d, c, l = self.for_format(fmt)
@@ -190,6 +246,45 @@ def _check_keys(data: Mapping, allowed, what: str) -> None:
     for key in data:
         if key not in allowed:
             raise UsageError((f"{where}: " if where else "") + unknown(kind, key, allowed))
+
+
+def _parse_mixed(raw: Any, where: str) -> dict | None:
+    """A ``mixed`` section, checked: components to rank, the high scheme, exactly one budget."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise UsageError(f"{where}: 'mixed' must be a mapping with keys {', '.join(MIXED_KEYS[:-1])}")
+    _check_keys(raw, MIXED_KEYS, f"{where}: mixed key")
+    comps = raw.get("components", list(MIXED_COMPONENTS))
+    if isinstance(comps, str):
+        comps = [comps]
+    if not isinstance(comps, list) or not comps:
+        raise UsageError(f"{where}: mixed.components must be a list of {', '.join(MIXED_COMPONENTS)}")
+    for c in comps:
+        if c not in MIXED_COMPONENTS:
+            raise UsageError(f"{where}: mixed.components: " + unknown("component", c, MIXED_COMPONENTS))
+    if "high" not in raw:
+        raise UsageError(f"{where}: mixed needs 'high': the scheme the most sensitive layers keep (e.g. int8)")
+    high = Scheme.parse(raw["high"], f"{where}: mixed.high")
+    budgets = [k for k in ("avg_bits", "budget_mb") if raw.get(k) is not None]
+    if len(budgets) != 1:
+        raise UsageError(f"{where}: mixed needs exactly one budget, avg_bits (stored bits per weight) or "
+                         f"budget_mb (MB of the ranked components); got {budgets or 'none'}")
+    value = raw[budgets[0]]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != value:
+        raise UsageError(f"{where}: mixed.{budgets[0]} must be a positive number, got {value!r}")
+    granularity = raw.get("granularity", "layer")
+    if granularity not in ("layer", "block"):
+        raise UsageError(f"{where}: mixed.granularity: " + unknown("granularity", granularity, ("layer", "block")))
+    out = {"components": list(comps), "high": high.label, budgets[0]: float(value), "granularity": granularity}
+    if raw.get("expanded") is not None:
+        exp = raw["expanded"]
+        why = exp.get("why", {}) if isinstance(exp, Mapping) else None
+        if not isinstance(why, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in why.items()):
+            raise UsageError(f"{where}: mixed.expanded must be a mapping whose 'why' maps layers to reasons "
+                             "(written by the sensitivity pass)")
+        out["expanded"] = copy.deepcopy(dict(raw["expanded"]))
+    return out
 
 
 def _parse_section(data: Mapping, where: str) -> tuple[Scheme | None, dict[str, Scheme], list[tuple[str, Scheme]]]:
@@ -212,7 +307,7 @@ def _parse_section(data: Mapping, where: str) -> tuple[Scheme | None, dict[str, 
     for i, entry in enumerate(raw_layers):
         if not isinstance(entry, Mapping) or "pattern" not in entry:
             raise UsageError(f"{where}: layers[{i}] must have a 'pattern' (e.g. 'ar_transformer/head')")
-        _check_keys(entry, ("pattern", "scheme", "group_size"), f"{where}: layers[{i}] key")
+        _check_keys(entry, ("pattern", "scheme", "group_size", "algorithm"), f"{where}: layers[{i}] key")
         pattern = entry["pattern"]
         if not isinstance(pattern, str) or "/" not in pattern:
             raise UsageError(f"{where}: layers[{i}]: pattern {pattern!r} must look like 'component/path-glob' "
@@ -223,10 +318,11 @@ def _parse_section(data: Mapping, where: str) -> tuple[Scheme | None, dict[str, 
         if "scheme" not in entry:
             raise UsageError(f"{where}: layers[{i}] ({pattern}) needs a 'scheme'")
         scheme = entry["scheme"]
-        if "group_size" in entry:
+        extra = {k: entry[k] for k in ("group_size", "algorithm") if k in entry}
+        if extra:
             if not isinstance(scheme, str):
-                raise UsageError(f"{where}: layers[{i}]: give group_size once")
-            scheme = {"scheme": scheme, "group_size": entry["group_size"]}
+                raise UsageError(f"{where}: layers[{i}]: give {' and '.join(extra)} once")
+            scheme = {"scheme": scheme, **extra}
         layers.append((pattern, Scheme.parse(scheme, f"{where}: layers[{i}] ({pattern})")))
     return default, components, layers
 
@@ -296,12 +392,25 @@ class Plan:
     def graph_schemes(self, graph: str) -> set[Scheme]:
         return {a.scheme for a in self.assignments.values() if graph in a.layer.graphs}
 
+    def why(self) -> dict[str, str]:
+        """layer -> why a sensitivity pass gave it its scheme (an expanded mixed section)."""
+        mixed = self.recipe.mixed_for(self.fmt) or {}
+        return dict((mixed.get("expanded") or {}).get("why", {}))
+
     def to_json(self) -> dict:
+        why = self.why()
+        mixed = self.recipe.mixed_for(self.fmt)
+        summary = None
+        if mixed:
+            summary = {k: v for k, v in mixed.items() if k != "expanded"}
+            summary.update({k: v for k, v in (mixed.get("expanded") or {}).items() if k != "why"})
         return {
             "format": self.fmt,
             "layers": {n: {"scheme": a.scheme.label, "requested": a.requested.label, "source": a.source,
-                           **({"fallback": a.reason} if a.fell_back else {})}
+                           **({"fallback": a.reason} if a.fell_back else {}),
+                           **({"why": why[n]} if n in why else {})}
                        for n, a in self.assignments.items()},
+            **({"mixed": summary} if summary else {}),
             "fallbacks": self.fallback_summary(),
         }
 
@@ -314,15 +423,22 @@ def resolve(recipe: Recipe, layers: LayerTable, fmt: str) -> Plan:
     """Every layer's scheme on ``fmt``, or a UsageError naming what cannot be done and the choices."""
     if fmt not in FORMATS:
         raise UsageError(unknown("format", fmt, FORMATS))
+    mixed = recipe.mixed_for(fmt)
+    if mixed is not None and not mixed.get("expanded"):
+        raise UsageError(f"{recipe.source}: recipe '{recipe.name}' takes per-layer bits from a sensitivity pass on "
+                         f"{fmt} (its 'mixed' section): expand it for the checkpoint first "
+                         "(hartkit.quantize.sensitivity.expand_mixed)")
     default, components, patterns = recipe.for_format(fmt)
     # 1. Components: the scheme must cover the component's main layer kind on this format.
     for comp in sorted({l.component for l in layers}):
         scheme = components.get(comp, default)
         what = f"component {comp} ({MAIN_KIND[comp]} layers)"
         c = cell(scheme.name, fmt)
+        src = "components" if comp in components else "default"
         if c is None or MAIN_KIND[comp] not in c.kinds:
-            src = "components" if comp in components else "default"
             raise UsageError(f"{recipe.source}: {src}: " + refusal(scheme.name, fmt, MAIN_KIND[comp] if c else None, what))
+        if not algorithm_supported(scheme.algorithm, scheme.name, fmt):
+            raise UsageError(f"{recipe.source}: {src}: " + algorithm_refusal(scheme.algorithm, scheme.name, fmt, what))
     # 2. Patterns must match something, and their scheme must be possible for what they match.
     matched: dict[str, tuple[str, Scheme]] = {}
     names = [l.name for l in layers]
@@ -336,6 +452,9 @@ def resolve(recipe: Recipe, layers: LayerTable, fmt: str) -> Plan:
         if c is None or not (kinds & c.kinds):
             raise UsageError(f"{recipe.source}: layers {pattern!r}: "
                              + refusal(scheme.name, fmt, sorted(kinds)[0] if c else None, f"{pattern}"))
+        if not algorithm_supported(scheme.algorithm, scheme.name, fmt):
+            raise UsageError(f"{recipe.source}: layers {pattern!r}: "
+                             + algorithm_refusal(scheme.algorithm, scheme.name, fmt, pattern))
         for n in hits:
             matched[n] = (pattern, scheme)
     # 3. Each layer: requested scheme, then fallbacks that are reported.
@@ -348,6 +467,10 @@ def resolve(recipe: Recipe, layers: LayerTable, fmt: str) -> Plan:
         else:
             source, requested = "default", default
         scheme, reason = _fit(layer, requested, fmt)
+        if scheme.algorithm != "rtn" and layer.kind != "linear":
+            scheme, reason = Scheme(scheme.name, scheme.group_size), (f"{scheme.algorithm} applies to linear layers "
+                                                                     f"(it weighs the layer's inputs); {layer.kind} "
+                                                                     "layers are rounded to nearest")
         out[layer.name] = Assignment(layer, requested, scheme, source, reason)
     return Plan(recipe, fmt, out, dict(layers.other))
 
@@ -363,7 +486,8 @@ def _fit(layer: Layer, scheme: Scheme, fmt: str) -> tuple[Scheme, str]:
         if k % scheme.group_size:
             smaller = [g for g in GROUP_SIZES if g < scheme.group_size and k % g == 0]
             if smaller:
-                return Scheme(scheme.name, max(smaller)), f"{k} input channels are not a multiple of {scheme.group_size}"
+                return (Scheme(scheme.name, max(smaller), scheme.algorithm),
+                        f"{k} input channels are not a multiple of {scheme.group_size}")
             wider = {"int4": "int8", "8da4w": "8da8w"}[scheme.name]
             if (wider, fmt) in SUPPORT and layer.kind in SUPPORT[(wider, fmt)].kinds:
                 return Scheme(wider), f"{k} input channels are not a multiple of any group size {GROUP_SIZES}"

@@ -162,6 +162,71 @@ for _n in (4, 6, 8):
     REFUSED[(f"palettize{_n}", "executorch")] = "palettization (k-means lookup tables) is a Core ML compression"
 
 
+# ------------------------------------------------------------------------------------------------
+# WEIGHT ALGORITHMS: how a scheme's integer weights are chosen. (algorithm, format) -> (schemes, how).
+# ``rtn`` (round to nearest, the format's own rule) is every cell's default. The others need 4-bit
+# grouped weights: the error they remove is the one int4 makes.
+# ------------------------------------------------------------------------------------------------
+ALGORITHMS: dict[str, str] = {
+    "rtn": "round to nearest with the format's own scale rule (no calibration)",
+    "gptq": "GPTQ: columns rounded one by one, each rounding error fed back into the columns not yet rounded "
+            "through the inverse Hessian of the layer's recorded inputs (needs calibration prompts)",
+    "hqq": "HQQ: half-quadratic optimisation of each group's scale and zero point against the weights "
+           "(asymmetric, zero points stored; no calibration)",
+}
+CALIBRATED_ALGORITHMS = ("gptq",)
+ALGORITHM_SCHEMES = ("int4", "8da4w")  # the 4-bit grouped schemes
+
+
+@dataclass(frozen=True)
+class AlgorithmCell:
+    schemes: frozenset[str]
+    how: str
+
+
+ALGORITHM_SUPPORT: dict[tuple[str, str], AlgorithmCell] = {
+    **{("rtn", f): AlgorithmCell(frozenset(SCHEMES), "the cell's own rounding (see the support table)") for f in FORMATS},
+    # onnxruntime's bundled GPTQ (neural_compressor.gptq_quantize) rounds GPTQ's output a second time on
+    # another grid (scale max|w|/7.5, +7.5 clipped): 1.9x the output error of plain rounding on the demo
+    # model's layers (measured), so the error feedback is done here on MatMulNBits' own grid instead.
+    ("gptq", "onnx"): AlgorithmCell(frozenset(ALGORITHM_SCHEMES),
+                                    "quantize.algorithms.gptq on MatMulNBits' symmetric grid (each group's scale "
+                                    "from its largest weight, kept at -8), inputs recorded by onnxruntime on the "
+                                    "calibration feeds; then MatMulNBitsQuantizer rounds the result unchanged"),
+    ("hqq", "onnx"): AlgorithmCell(frozenset(ALGORITHM_SCHEMES),
+                                   "MatMulNBitsQuantizer(HQQWeightOnlyQuantConfig(bits=4, block_size = group)): "
+                                   "asymmetric with zero points (8da4w: accuracy_level=4 set on the nodes)"),
+}
+REFUSED_ALGORITHMS: dict[tuple[str, str], str] = {
+    ("gptq", "executorch"): ("torchao's 8da4w rounds with scale max|w|/7.5, a grid no pre-rounded weight survives, "
+                             "and torchao's GPTQ flow is not wired here"),
+    ("hqq", "executorch"): "XNNPACK's 8da4w takes symmetric weights only (no zero points)",
+    ("gptq", "coreml"): "coremltools' GPTQ (coremltools.optimize.torch) works on torch models before conversion, "
+                        "not wired here",
+    ("hqq", "coreml"): "Core ML's int4 here is linear_symmetric (no zero points)",
+}
+
+
+def algorithm_refusal(algorithm: str, scheme: str, fmt: str, what: str = "") -> str:
+    """Why ``algorithm`` cannot run for ``scheme`` on ``fmt``, and what can."""
+    where = f" for {what}" if what else ""
+    c = ALGORITHM_SUPPORT.get((algorithm, fmt))
+    if c is None:
+        why = REFUSED_ALGORITHMS.get((algorithm, fmt), f"{fmt} has no {algorithm}")
+    else:
+        why = f"{algorithm} on {fmt} applies to {'/'.join(sorted(c.schemes))} weights only"
+    here = [a for a in ALGORITHMS if (a, fmt) in ALGORITHM_SUPPORT and scheme in ALGORITHM_SUPPORT[(a, fmt)].schemes]
+    elsewhere = [f for f in FORMATS if (algorithm, f) in ALGORITHM_SUPPORT]
+    return (f"algorithm {algorithm} is not available on {fmt} with {scheme}{where}: {why}. "
+            f"Algorithms {fmt} offers for {scheme}: {', '.join(here)}"
+            + (f"; formats with {algorithm}: {', '.join(elsewhere)}" if elsewhere else ""))
+
+
+def algorithm_supported(algorithm: str, scheme: str, fmt: str) -> bool:
+    c = ALGORITHM_SUPPORT.get((algorithm, fmt))
+    return c is not None and scheme in c.schemes
+
+
 def supported_schemes(fmt: str, kind: str | None = None) -> list[str]:
     return [s for s in SCHEMES if (s, fmt) in SUPPORT and (kind is None or kind in SUPPORT[(s, fmt)].kinds)]
 
@@ -204,10 +269,16 @@ class Scheme:
 
     name: str
     group_size: int | None = None
+    algorithm: str = "rtn"  # how the integer weights are chosen (ALGORITHMS)
 
     def __post_init__(self) -> None:
         if self.name not in SCHEMES:
             raise UsageError(unknown("scheme", self.name, SCHEMES))
+        if self.algorithm not in ALGORITHMS:
+            raise UsageError(unknown("algorithm", self.algorithm, ALGORITHMS))
+        if self.algorithm != "rtn" and self.name not in ALGORITHM_SCHEMES:
+            raise UsageError(f"scheme {self.name}: algorithm {self.algorithm} applies to 4-bit grouped weights only "
+                             f"({', '.join(ALGORITHM_SCHEMES)}); {self.name} takes rtn")
         info = SCHEMES[self.name]
         if info.grouped:
             if self.group_size is None:
@@ -233,44 +304,59 @@ class Scheme:
 
     @property
     def label(self) -> str:
-        return f"{self.name}-g{self.group_size}" if self.info.grouped else self.name
+        base = f"{self.name}-g{self.group_size}" if self.info.grouped else self.name
+        return base if self.algorithm == "rtn" else f"{base}-{self.algorithm}"
+
+    @property
+    def calibrated(self) -> bool:
+        """The algorithm needs the layer's recorded inputs."""
+        return self.algorithm in CALIBRATED_ALGORITHMS
 
     def __str__(self) -> str:
         return self.label
 
     @classmethod
     def parse(cls, value: Any, where: str = "") -> "Scheme":
-        """``"int4"``, ``"int4-g64"``, ``{"scheme": "int4", "group_size": 64}`` or a Scheme."""
+        """``"int4"``, ``"int4-g64"``, ``"int4-g64-gptq"``, ``{"scheme": "int4", "group_size": 64,
+        "algorithm": "gptq"}`` or a Scheme."""
         if isinstance(value, Scheme):
             return value
         prefix = f"{where}: " if where else ""
         if isinstance(value, Mapping):
-            extra = sorted(set(value) - {"scheme", "group_size"})
+            extra = sorted(set(value) - {"scheme", "group_size", "algorithm"})
             if extra:
                 raise UsageError(f"{prefix}unknown key(s) {extra} in a scheme entry; "
-                                 "a scheme entry has 'scheme' and optionally 'group_size'")
+                                 "a scheme entry has 'scheme' and optionally 'group_size' and 'algorithm'")
             if "scheme" not in value:
                 raise UsageError(f"{prefix}a scheme entry needs a 'scheme' key, got {dict(value)}")
             group = value.get("group_size")
             if group is not None and (not isinstance(group, int) or isinstance(group, bool)):
                 raise UsageError(f"{prefix}group_size must be an integer, got {group!r}")
+            algorithm = value.get("algorithm")
+            if algorithm is not None and not isinstance(algorithm, str):
+                raise UsageError(f"{prefix}algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
             name = value["scheme"]
             if not isinstance(name, str):
                 raise UsageError(f"{prefix}scheme must be a string, got {name!r}")
             try:
-                return cls(name.strip().lower(), group)
+                return cls(name.strip().lower(), group,
+                           algorithm.strip().lower() if algorithm is not None else "rtn")
             except UsageError as exc:
                 raise UsageError(f"{prefix}{exc}") from None
         if not isinstance(value, str):
-            raise UsageError(f"{prefix}a scheme is a name like 'int8' or 'int4-g64', got {value!r}")
+            raise UsageError(f"{prefix}a scheme is a name like 'int8', 'int4-g64' or 'int4-g64-gptq', got {value!r}")
         text = value.strip().lower()
+        algorithm = "rtn"
+        head, _, tail = text.rpartition("-")
+        if head and tail in ALGORITHMS:
+            text, algorithm = head, tail
         m = _SCHEME_RE.match(text)
         if text in SCHEMES or not m or m.group("base") not in SCHEMES:
             base, group = text, None
         else:
             base, group = m.group("base"), int(m.group("group"))
         try:
-            return cls(base, group)
+            return cls(base, group, algorithm)
         except UsageError as exc:
             raise UsageError(f"{prefix}{exc}") from None
 
@@ -303,4 +389,10 @@ def support_table() -> str:
     lines.append("refused cells:")
     for (s, f), why in REFUSED.items():
         lines.append(f"  {s:12} {f:11} {why}")
+    lines.append("weight algorithms (a scheme's 'algorithm', e.g. int4-g64-gptq):")
+    for (a, f), c in ALGORITHM_SUPPORT.items():
+        if a != "rtn":
+            lines.append(f"  {a:5} {f:11} {'/'.join(sorted(c.schemes)):12} {c.how}")
+    for (a, f), why in REFUSED_ALGORITHMS.items():
+        lines.append(f"  {a:5} {f:11} refused: {why}")
     return "\n".join(lines)

@@ -515,3 +515,61 @@ def plot(report: SensitivityReport, path: Path, top: int = 30) -> Path:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------- mixed recipes at export time
+
+
+def expand_mixed(recipe: Recipe, model, encoder, system_length: int, calib: CalibrationSet, fmt: str,
+                 progress: Callable[[str], None] | None = None) -> Recipe:
+    """The recipe with its ``mixed`` section on ``fmt`` turned into layer entries for this checkpoint.
+
+    The layers of the section's components that the recipe gives a 4-bit (low) scheme are ranked by
+    :func:`analyze` on ``calib``; :func:`mixed_plan` keeps the most sensitive at ``high`` while the
+    budget holds. The result records, per layer, its rank, its score and why it got its scheme
+    (``mixed.expanded.why``: the manifest's plan shows it). A recipe without a mixed section on
+    ``fmt``, or one already expanded, is returned as it is.
+    """
+    spec = recipe.mixed_for(fmt)
+    if spec is None or spec.get("expanded"):
+        return recipe
+    default, components, _ = recipe.for_format(fmt)
+    lows = {c: components.get(c, default) for c in spec["components"]}
+    if len(set(lows.values())) != 1:
+        raise UsageError(f"{recipe.source}: mixed on {fmt}: the ranked components must share one scheme to rank "
+                         f"them together, got {', '.join(f'{c} {s.label}' for c, s in lows.items())}")
+    low = next(iter(lows.values()))
+    high = Scheme.parse(spec["high"], f"{recipe.source}: mixed.high")
+    if low.is_float:
+        raise UsageError(f"{recipe.source}: mixed on {fmt}: the ranked components are {low.label}; "
+                         "mixed precision promotes layers of a quantized scheme")
+    report, _ev = analyze(model, encoder, system_length, calib, components=spec["components"], low=low, high=high,
+                          fmt=fmt, granularity=spec["granularity"], progress=progress)
+    promoted = mixed_plan(report, budget_mb=spec.get("budget_mb"), avg_bits=spec.get("avg_bits"))
+    weights = sum(u.params for u in report.units)
+    bits = sum(u.weight_bits_high if u.unit in promoted else u.weight_bits_low for u in report.units) / max(weights, 1)
+    budget = (f"{spec['avg_bits']:g} bits per weight" if spec.get("avg_bits") is not None
+              else f"{spec['budget_mb']:g} MB")
+    why: dict[str, str] = {}
+    n = len(report.units)
+    for rank, u in enumerate(report.units, 1):
+        what = "teacher-forced logits NMSE" if u.logits_nmse is not None else "graph output NMSE"
+        head = f"sensitivity rank {rank}/{n} ({what} {u.score:.3g} with only this {report.granularity} at {report.low})"
+        tail = (f"kept at {report.high} within {budget}" if u.unit in promoted
+                else f"{report.low}: {report.high} would not fit {budget} after the more sensitive ones")
+        for layer in u.layers:
+            why[layer] = f"{head}; {tail}"
+    data = recipe.to_dict()
+    section = data.setdefault("formats", {}).setdefault(fmt, {})
+    entries = list(section.get("layers", []))
+    if isinstance(entries, dict):
+        entries = [{"pattern": p, "scheme": s} for p, s in entries.items()]
+    for u in report.units:
+        if u.unit in promoted:
+            entries += [{"pattern": layer, "scheme": report.high} for layer in u.layers]
+    section["layers"] = entries
+    section["mixed"] = {**{k: v for k, v in spec.items() if k != "expanded"}, "expanded": {
+        "low": report.low, "high": report.high, "units": n, "promoted": sorted(promoted),
+        "avg_bits": round(bits, 4), "mb": round(report.size_bytes(promoted) / MB, 4),
+        "calibration_prompts": len(calib.prompts), "why": why}}
+    return Recipe.from_dict(data, source=recipe.source)
