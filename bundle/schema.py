@@ -65,6 +65,10 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                 "image_size": _int(1, MAX_IMAGE),
                 "default_cfg": {"type": "number", "minimum": 0, "maximum": MAX_CFG},
                 "stages_at_default_cfg": {"type": "array", "maxItems": MAX_SCALES},
+                # llama attention's rotary tables (loop/rope.py); older bundles lack it (theta was 10000)
+                "rope": {"type": "object", "required": ["theta"],
+                         "properties": {"theta": {"type": "number", "exclusiveMinimum": 0, "maximum": 1e12}},
+                         "additionalProperties": {"type": "string", "maxLength": 4096}},
             },
         },
         "graphs": {
@@ -130,6 +134,8 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                 "system_prompt": {"type": "string", "maxLength": 1 << 20},
                 "system_length": _int(0, MAX_CONTEXT),
                 "pad_token_id": _int(0, MAX_TEXT_VOCAB),
+                "padding_side": {"enum": ["left", "right"]},
+                "truncation_side": {"enum": ["left", "right"]},
             },
         },
         "diffusion": {

@@ -23,6 +23,7 @@ from hartkit.fsutil import write_json
 from hartkit.loop.plan import LoopInfo, stage_plan
 from hartkit.loop.prompt import HART_SYSTEM_PROMPT
 from hartkit.loop.rng import describe_contract
+from hartkit.loop.rope import describe_rope
 from hartkit.loop.schedule import VAE_SCALE, IDDPMSchedule
 
 if TYPE_CHECKING:
@@ -161,8 +162,25 @@ def build_manifest(info: dict, tokenizer, golden_graphs: dict, golden_loop: dict
                 "gumbel_logit_scale": "1 + ratio (applied to the top-k-masked logits)",
                 "phi": "argmin |ticks - si/(SN-1)| in float64 (ticks: linspace(1/3K, 1-1/3K, K) if K==4 else linspace(1/2K, 1-1/2K, K))",
                 "sampling": "idx = argmax(softmax(masked) / E_sample); more_smooth: latents = softmax((masked*(1+ratio) - log E_gumbel)/tau) @ codebook",
+                # How the graphs are wired into one generation (what a port in another language needs):
+                "stage_constants": "stages_at_default_cfg: ratio, top_k, gumbel_tau, logit_scale per stage do not "
+                                   "depend on the guidance; cfg_scale = cfg * ratio",
+                "text_encoder": "input_ids = [system ids; prompt ids] int64 [1, S+T], attention_mask = [ones(S); "
+                                "prompt ids != pad_token_id]; output context [1, T, D]",
+                "condition": "context_mask_2b = float32 [2, T]: row 0 the prompt mask, row 1 zeros except [1, 0] = 1",
+                "stage0": "ar_context on the T context rows (or ar_stage with an empty past, identical); "
+                          "ar_head reads h[:, -1:] only (one sampled position)",
+                "kv_cache": "past_k/past_v of ar_stage = every non-final stage's new_k/new_v concatenated on axis 3",
+                "residual": "f_hat starts as zeros [1, Cvae, last, last]; after non-final stage si: "
+                            "f_hat, x = residual_si(f_hat, latents [1, n, Cvae])",
+                "final_stage": "z = diffusion_condition(h, codebook[idx]); residual = diffusion sampler * vae_scale "
+                               "(diffusion section); f_hat += (latents + residual) as [1, Cvae, last, last] "
+                               "(token n = row-major position)",
+                "image": "vae_decode(f_hat) -> float32 [1, 3, H, W] in [0, 1]; uint8 = trunc(float32(x * 255))",
+                "float32": "host math in float32: every product, sum and quotient rounded to float32 as numpy does",
             },
             "stages_at_default_cfg": [s.to_dict() for s in plan],
+            **({"rope": describe_rope()} if loop["attn_type"] == "llama" else {}),
         },
         "diffusion": {
             "timesteps": [int(t) for t in sched.timesteps],
@@ -170,6 +188,15 @@ def build_manifest(info: dict, tokenizer, golden_graphs: dict, golden_loop: dict
             "vae_scale": VAE_SCALE,
             "clip_denoised": True,
             "cfg_rule": "eps = (1 + t) * eps_cond - t * eps_uncond; no guidance when t == 1.0 exactly",
+            "sampler": "z rows [2n, Dz] (cond; uncond); cond_embedding = diffusion_cond_embed(all rows if guided else "
+                       "the first n); x = diffusion.init draw [n, Cvae]; for j = S-1 .. 0 (S = len(timesteps)): "
+                       "out = denoise([x; x] if guided else x, t = float32 [timesteps[j]], cond_embedding); "
+                       "eps = out[:n, :Cvae], v = out[:n, Cvae:]; guided eps by cfg_rule with out[n:, :Cvae]; "
+                       "x = step(j, x, eps, v, diffusion.step(S-1-j) draw)",
+            "step": "float32 per element, constants float32(tables.*[j]): x0 = clip(sqrt_recip_alphas_cumprod*x - "
+                    "sqrt_recipm1_alphas_cumprod*eps, -1, 1); mean = posterior_mean_coef1*x0 + posterior_mean_coef2*x; "
+                    "j == 0: x = mean; else frac = (v + 1) / 2, logvar = frac*log_betas + (1 - frac)*"
+                    "posterior_log_variance_clipped, x = mean + exp(0.5*logvar) * noise",
         },
         "prompt": {
             "system_prompt": HART_SYSTEM_PROMPT,
@@ -177,6 +204,7 @@ def build_manifest(info: dict, tokenizer, golden_graphs: dict, golden_loop: dict
             "max_tokens": loop["context_token"],
             "system_length": loop["system_length"],
             "padding_side": tokenizer.padding_side,
+            "truncation_side": tokenizer.truncation_side,
             "pad_token_id": int(tokenizer.pad_token_id),
             "context_mask": "ids != pad_token_id; positions = cumsum(mask) - 1",
         },

@@ -44,12 +44,34 @@ import numpy as np
 from hartkit.errors import UsageError
 
 __all__ = [
+    "ROPE_THETA",
+    "describe_rope",
     "context_positions",
     "stage_positions",
     "inv_freq",
     "rope_cos_sin_1d",
     "rope_cos_sin_2d",
 ]
+
+
+ROPE_THETA = 10000.0  # upstream's LlamaRotaryEmbedding base for the AR transformer (HART never changes it)
+
+
+def describe_rope(theta: float = ROPE_THETA) -> dict:
+    """The rule above as data, for bundle manifests (``loop.rope``): what a port needs to build cos/sin."""
+    return {
+        "theta": float(theta),
+        "apply": "q' = q*cos + rotate_half(q)*sin on q and k of every head, rotate_half(v) = cat(-v[d/2:], v[:d/2]) "
+                 "over the full head_dim d; cos/sin inputs are float32 [2, l, d] (rows: cond, uncond)",
+        "positions_stage0": "cond row: cumsum(mask) - 1 over the T context tokens; uncond row: all 0",
+        "positions_stage": "stage si >= 1 (final included): token n = i*pn + j at (row, col) = "
+                           "(float32(float32(i/pn) * last) + P, float32(float32(j/pn) * last) + P), "
+                           "last = patch_nums[-1], P = that row's last stage-0 position (float32)",
+        "inv_freq": "w_f = float32(1 / float32(theta ** float32(f*stride/d))) for f < d/stride; stride 2 (1-D), 4 (2-D)",
+        "angles_1d": "angle[k] = float32(pos * w_(k mod d/2)), channels [w, w]",
+        "angles_2d": "channels [row*w, row*w, col*w, col*w], each d/4 wide, each product float32",
+        "tables": "cos = float32(cos(angle)), sin = float32(sin(angle)) with angle taken as a double",
+    }
 
 
 def context_positions(context_mask: np.ndarray) -> np.ndarray:
@@ -85,7 +107,7 @@ def stage_positions(patch_nums: Sequence[int], si: int, offsets: np.ndarray) -> 
     return (coords[None] + offsets.astype(np.float32)[:, None, None]).astype(np.float32)
 
 
-def inv_freq(head_dim: int, stride: int, theta: float = 10000.0) -> np.ndarray:
+def inv_freq(head_dim: int, stride: int, theta: float = ROPE_THETA) -> np.ndarray:
     """``1 / theta ** (arange(0, d, stride) / d)`` in float32, each step rounded as upstream."""
     if head_dim % stride:
         raise UsageError(f"head_dim {head_dim} must be a multiple of {stride}")
@@ -100,7 +122,7 @@ def _cos_sin(angle: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rope_cos_sin_1d(
-    positions: np.ndarray, head_dim: int, theta: float = 10000.0
+    positions: np.ndarray, head_dim: int, theta: float = ROPE_THETA
 ) -> tuple[np.ndarray, np.ndarray]:
     """1-D tables for ``[N, l]`` positions -> float32 ``cos, sin`` of shape ``[N, l, head_dim]``."""
     pos = np.asarray(positions)
@@ -113,7 +135,7 @@ def rope_cos_sin_1d(
 
 
 def rope_cos_sin_2d(
-    coords: np.ndarray, head_dim: int, theta: float = 10000.0
+    coords: np.ndarray, head_dim: int, theta: float = ROPE_THETA
 ) -> tuple[np.ndarray, np.ndarray]:
     """2-D tables for ``[N, l, 2]`` coordinates -> float32 ``cos, sin`` of shape ``[N, l, head_dim]``."""
     xy = np.asarray(coords)

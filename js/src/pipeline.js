@@ -4,8 +4,8 @@
 // the way files are read come from node.js (onnxruntime-node, the file system) or web.js
 // (onnxruntime-web, fetch).
 
-import { Tokenizer } from "@huggingface/tokenizers";
 import { parseNpz } from "./npz.js";
+import { PromptEncoder } from "./prompt.js";
 import { PortableRNG, drawPlan, iterDraws } from "./rng.js";
 import { cfgMix, contextPositions, iddpmStep, ropeCosSin1d, ropeCosSin2d, sampleStage } from "./math.js";
 
@@ -139,9 +139,8 @@ export class Pipeline {
     /** @type {any} */ this.manifest;
     /** @type {any} */ this.ort;
     /** @type {Record<string, any>} */ this.sessions;
-    /** @type {Tokenizer} */ this.tokenizer;
+    /** @type {PromptEncoder} */ this.prompt;
     /** @type {Float32Array} */ this.codebook;
-    /** @type {Int32Array} */ this.systemIds;
     this._busy = Promise.resolve();
   }
 
@@ -188,17 +187,16 @@ export class Pipeline {
     const loop = manifest.loop;
     const tokDir = manifest.tokenizer ?? "tokenizer";
     const readJson = async (rel) => JSON.parse(new TextDecoder().decode(await source.readBytes(rel)));
-    const tokenizer = new Tokenizer(await readJson(`${tokDir}/tokenizer.json`), await readJson(`${tokDir}/tokenizer_config.json`));
+    const prompt = new PromptEncoder(await readJson(`${tokDir}/tokenizer.json`), await readJson(`${tokDir}/tokenizer_config.json`), manifest.prompt);
     const constantsRel = manifest.constants ?? "constants.npz";
     const codebook = parseNpz(await source.readBytes(constantsRel), constantsRel).codebook;
     if (!codebook || codebook.dtype !== "float32" || codebook.shape.join() !== [loop.vocab_size, loop.latent_dim].join()) {
       throw new BundleError(`${source.label}/${constantsRel}: expected a float32 codebook of shape [${loop.vocab_size}, ${loop.latent_dim}], found ${codebook ? `${codebook.dtype}[${codebook.shape}]` : "none"}`);
     }
-    const parts = { manifest, ort, tokenizer, codebook: /** @type {Float32Array} */ (codebook.data), sessions: {} };
+    const parts = { manifest, ort, prompt, codebook: /** @type {Float32Array} */ (codebook.data), sessions: {} };
     const pipe = new Pipeline(parts);
-    pipe.systemIds = pipe._systemIds();
-    if (pipe.systemIds.length !== loop.system_length) {
-      throw new BundleError(`${where}: the tokenizer gives a ${pipe.systemIds.length}-token system prompt, the text encoder expects ${loop.system_length}`);
+    if (prompt.systemIds.length !== loop.system_length) {
+      throw new BundleError(`${where}: the tokenizer gives a ${prompt.systemIds.length}-token system prompt, the text encoder expects ${loop.system_length}`);
     }
     // Stage 0 runs on the ar_stage graph with an empty past (as the Python onnxruntime backend does):
     // one session then holds the AR transformer's weights.
@@ -221,34 +219,12 @@ export class Pipeline {
     this.sessions = {};
   }
 
-  /** The system prompt's ids, truncated to max_tokens like the prompt (no padding). */
-  _systemIds() {
-    const p = this.manifest.prompt;
-    if (p.use_system_prompt === false) return new Int32Array(0);
-    return Int32Array.from(this._truncate(this.tokenizer.encode(p.system_prompt).ids, p.max_tokens));
-  }
-
-  /** @param {number[]} ids @param {number} max */
-  _truncate(ids, max) {
-    if (ids.length <= max) return ids;
-    return this.manifest.prompt.truncation_side === "left" ? ids.slice(ids.length - max) : ids.slice(0, max);
-  }
-
   /**
-   * Prompt ids padded / truncated to max_tokens and the context mask (ids != pad id).
+   * Prompt ids padded / truncated to max_tokens and the context mask.
    * @param {string} prompt
-   * @returns {{ ids: Int32Array, mask: Uint8Array, truncated: boolean }}
    */
   tokenize(prompt) {
-    if (typeof prompt !== "string") throw new TypeError(`prompt must be a string, got ${typeof prompt}`);
-    const p = this.manifest.prompt;
-    const raw = this.tokenizer.encode(prompt).ids;
-    const cut = this._truncate(raw, p.max_tokens);
-    const padCount = p.max_tokens - cut.length;
-    const pads = new Array(padCount).fill(p.pad_token_id);
-    const ids = Int32Array.from(p.padding_side === "left" ? [...pads, ...cut] : [...cut, ...pads]);
-    const mask = Uint8Array.from(ids, (id) => (id !== p.pad_token_id ? 1 : 0));
-    return { ids, mask, truncated: raw.length > p.max_tokens };
+    return this.prompt.encode(prompt);
   }
 
   /**
@@ -315,8 +291,9 @@ export class Pipeline {
 
     // Text encoder on [system; prompt] ids with mask [ones; ids != pad].
     const { ids, mask } = this.tokenize(prompt);
-    const S = this.systemIds.length, T = ids.length;
-    const textIds = [...this.systemIds, ...ids];
+    const system = this.prompt.systemIds;
+    const S = system.length, T = ids.length;
+    const textIds = [...system, ...ids];
     const attention = [...new Array(S).fill(1), ...mask];
     const [context] = await this.run("text_encoder", {
       input_ids: { int64: textIds, dims: [1, S + T] }, attention_mask: { int64: attention, dims: [1, S + T] },
