@@ -106,4 +106,82 @@ def output_error(w: torch.Tensor | np.ndarray, w_q: torch.Tensor | np.ndarray, x
     return num / den if den else 0.0
 
 
-__all__ = ["Hessian", "gptq", "ort_grid", "output_error"]
+def hqq(w: torch.Tensor | np.ndarray, bits: int = 4, group: int = 32) -> torch.Tensor:
+    """onnxruntime's HQQ (``HQQWeightOnlyQuantizer.quantize_internal``) on a ``[out, in]`` weight,
+    dequantized: what the MatMulNBits node it writes computes with."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
+
+    w = torch.as_tensor(np.asarray(w) if not isinstance(w, torch.Tensor) else w).detach().float()
+    n, k = w.shape
+    quantizer = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=group, bits=bits))
+    q, scale, zero = quantizer.quantize_internal(w, bits=bits, group_size=group)
+    q = q.float().reshape(n, -1, group)
+    deq = (q - zero.reshape(n, -1, 1)) * scale.reshape(n, -1, 1)
+    return deq.reshape(n, -1)[:, :k].contiguous()
+
+
+def layer_hessians(modules, spec_inputs, calib, layers: dict[int, str], graphs=None) -> dict[str, Hessian]:
+    """layer -> Hessian of its inputs over every calibration call of every graph that uses it, recorded
+    in eager torch (``layers``: id(weight) -> layer name, of ``modules``' model)."""
+    from torch.overrides import TorchFunctionMode
+
+    from hartkit.quantize.calibration import replay_fns
+    from hartkit.quantize.layers import LAYER_FUNCS
+
+    hs: dict[str, Hessian] = {}
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if LAYER_FUNCS.get(func) == "linear":
+                name = layers.get(id(args[1] if len(args) > 1 else kwargs.get("weight")))
+                if name is not None:
+                    x = args[0].detach()
+                    hs.setdefault(name, Hessian(x.shape[-1])).add(x)
+            return func(*args, **kwargs)
+
+    replay = replay_fns(modules, spec_inputs)
+    for graph in graphs or calib.graphs():
+        if graph not in modules:
+            continue
+        names = spec_inputs[graph]
+        for feeds in calib.feeds(graph, replay):
+            with torch.no_grad(), Watch():
+                modules[graph](*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names])
+    return hs
+
+
+def calibrated_weights(model, encoder, system_length: int, plan, calib) -> dict[str, np.ndarray]:
+    """layer -> the dequantized ``[out, in]`` weight its algorithm chooses, for every linear layer of
+    ``plan`` whose scheme names one (gptq: Hessians of the layer's inputs over ``calib``, recorded on
+    the fp32 graphs; hqq: from the weight alone). On onnx these are the weights
+    ``quantize_onnx_graph`` writes (up to the float rounding of the recorded inputs)."""
+    from hartkit.model.graphs import hart_graph_specs
+    from hartkit.quantize.layers import layer_modules
+
+    if plan.fmt != "onnx":
+        raise ValueError(f"weight algorithms are on the onnx grid only, not {plan.fmt}")
+    mods = layer_modules(model, encoder)
+    wanted = {n: a.scheme for n, a in plan.assignments.items()
+              if a.scheme.algorithm != "rtn" and a.layer.kind == "linear"}
+    out: dict[str, np.ndarray] = {}
+    need = {n for n, s in wanted.items() if s.calibrated}
+    hs: dict[str, Hessian] = {}
+    if need:
+        if calib is None:
+            raise ValueError(f"gptq needs calibration inputs for {', '.join(sorted(need))}")
+        specs = hart_graph_specs(model, encoder, system_length)
+        modules = {s.name: s.build().eval() for s in specs}
+        graphs = sorted({g for n in need for g in plan.assignments[n].layer.graphs})
+        hs = layer_hessians(modules, {s.name: [i.name for i in s.inputs] for s in specs}, calib,
+                            {id(mods[n].weight): n for n in need}, graphs)
+    for name, scheme in wanted.items():
+        w = mods[name].weight.detach()
+        if scheme.algorithm == "gptq":
+            out[name] = gptq(w, hs[name].matrix(), bits=scheme.bits, group=int(scheme.group_size)).numpy()
+        elif scheme.algorithm == "hqq":
+            out[name] = hqq(w, bits=scheme.bits, group=int(scheme.group_size)).numpy()
+    return out
+
+
+__all__ = ["Hessian", "calibrated_weights", "gptq", "hqq", "layer_hessians", "ort_grid", "output_error"]

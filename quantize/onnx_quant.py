@@ -410,13 +410,19 @@ def _dequantize_nbits(model, node) -> np.ndarray:
 
 def quantize_onnx_graph(path: Path, graph: str, weights: Mapping[str, tuple[str, np.ndarray]],
                         scheme_of: Callable[[str], Scheme],
-                        calibration: Callable[[], Iterable[Mapping[str, np.ndarray]]] | None = None) -> OnnxQuantReport:
+                        calibration: Callable[[], Iterable[Mapping[str, np.ndarray]]] | None = None,
+                        calibrated: Mapping[str, np.ndarray] | None = None) -> OnnxQuantReport:
     """Quantize one exported graph file in place.
 
     ``weights``: the fp32 weights of the layers this graph uses (layer -> (kind, array));
-    ``scheme_of``: the layer's scheme; ``calibration``: returns fresh feeds (w8a8_static, gptq).
+    ``scheme_of``: the layer's scheme; ``calibration``: returns fresh feeds (w8a8_static, gptq);
+    ``calibrated``: layer -> ``[out, in]`` weights a gptq layer takes as they are
+    (:func:`hartkit.quantize.algorithms.calibrated_weights`, Hessians over every graph that uses the
+    layer: an AR weight is then the same in ar_context and ar_stage). Without them, gptq uses this
+    graph's calibration feeds alone.
     """
     import onnx
+    from onnx import numpy_helper
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig, HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer,
@@ -475,13 +481,27 @@ def quantize_onnx_graph(path: Path, graph: str, weights: Mapping[str, tuple[str,
                 k = weights[layer][1].shape[1]
                 level = 4 if s.info.activations == "dynamic" else 0
                 nbits.setdefault((s.bits, ort_block_size(k, s), level, s.algorithm), []).append(node)
-        gptq_nodes = [m for (_b, _k, _l, algo), ms in nbits.items() if algo == "gptq" for m in ms]
+        given = {m: calibrated[nodes[m][0]] for (_b, _k, _l, algo), ms in nbits.items() if algo == "gptq"
+                 for m in ms if calibrated is not None and nodes[m][0] in calibrated}
+        if given:
+            inits = _initializers(model)
+            by_name = {n.name: n for n in model.graph.node}
+            for m, w in given.items():
+                init = by_name[m].input[1]
+                if tuple(inits[init].dims) != tuple(w.shape[::-1]):
+                    raise HartkitError(f"graph {graph}: calibrated weight of {nodes[m][0]} has shape {tuple(w.shape)}, "
+                                       f"the node's is {tuple(inits[init].dims[::-1])}")
+                inits[init].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(np.asarray(w, np.float32).T), init))
+                report.algorithms[nodes[m][0]] = "gptq"
+                report.calibrated[nodes[m][0]] = np.asarray(w, np.float32)
+        gptq_nodes = [m for (_b, _k, _l, algo), ms in nbits.items() if algo == "gptq" for m in ms if m not in given]
         if gptq_nodes:
             if calibration is None:
                 raise HartkitError(f"graph {graph}: gptq weights need calibration inputs (recorded feeds of "
                                    f"this graph) for {', '.join(sorted({nodes[n][0] for n in gptq_nodes}))}")
             for (bits, block, _level, algo), members in sorted(nbits.items()):
-                if algo == "gptq":
+                members = [m for m in members if m in gptq_nodes]
+                if algo == "gptq" and members:
                     done = _gptq_weights(model, members, block, bits, calibration(), work, large)
                     for m in members:
                         layer = nodes[m][0]

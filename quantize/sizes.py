@@ -36,7 +36,8 @@ def weight_bytes(layer: Layer, scheme: Scheme, fmt: str) -> int:
         if name in ("int8", "int4", "8da8w", "8da4w"):
             block = ort_block_size(layer.in_features, scheme)
             blocks = math.ceil(k / block)
-            return n * blocks * block * scheme.bits // 8 + 4 * n * blocks
+            zero_points = 4 * n * blocks if scheme.algorithm == "hqq" else 0  # HQQ stores float32 zero points
+            return n * blocks * block * scheme.bits // 8 + 4 * n * blocks + zero_points
         if name == "w8a8" and layer.kind == "conv":
             return numel + 4 + 1
         if name in ("w8a8", "w8a8_static"):

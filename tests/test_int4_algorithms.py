@@ -269,3 +269,52 @@ def test_a_mixed_recipe_expanded_for_the_checkpoint_respects_its_budget(base, ti
     # the other formats are untouched: still refused until expanded for them
     with pytest.raises(UsageError, match="sensitivity pass"):
         resolve(out, tiny_layers, "executorch")
+
+
+def test_hqq_files_weigh_what_the_size_rule_says(runs, base):
+    """HQQ stores a float32 zero point per group beside the scale; the size rule counts it."""
+    from hartkit.quantize.schemes import Scheme
+    from hartkit.quantize.sizes import weight_bytes
+
+    layers = [l for l in base["layers"].of_graph(GRAPH) if l.kind == "linear" and l.component == "ar_transformer"]
+    _, rtn, _ = runs["int4-g32"]
+    _, hqq, _ = runs["int4-g32-hqq"]
+    extra = sum(weight_bytes(l, Scheme("int4", 32, "hqq"), "onnx") - weight_bytes(l, Scheme("int4", 32), "onnx")
+                for l in layers)
+    assert extra > 0
+    assert abs((hqq.tensor_bytes_after - rtn.tensor_bytes_after) - extra) <= 80 * len(layers), (extra, hqq, rtn)
+
+
+def test_calibrated_weights_from_torch_are_what_the_file_stores(base):
+    """The torch-side pass (Hessians over every graph that uses a layer: one weight per layer for all its
+    graph files) handed to the ONNX pass: the MatMulNBits nodes hold exactly those weights."""
+    import onnx
+
+    from hartkit.quantize.onnx_quant import _dequantize_nbits
+
+    from hartkit.quantize.algorithms import calibrated_weights
+    from hartkit.quantize.layers import layer_modules
+    from hartkit.quantize.onnx_quant import quantize_onnx_graph
+    from hartkit.quantize.recipe import Recipe, resolve
+
+    model, encoder = base["models"]
+    plan = resolve(Recipe.from_dict({"components": {"ar_transformer": "int4-g32-gptq"}}), base["layers"], "onnx")
+    given = calibrated_weights(model, encoder, base["S"], plan, base["calib"])
+    wanted = {n for n, a in plan.assignments.items() if a.scheme.algorithm == "gptq"}
+    assert set(given) == wanted and len(wanted) > 10  # every AR linear layer but word_embed (8 inputs: int8)
+    mods = layer_modules(model, encoder)
+    dst = base["folder"] / "given.onnx"
+    shutil.copy(base["folder"] / f"{GRAPH}.onnx", dst)
+    weights = {l.name: (l.kind, mods[l.name].weight.detach().numpy()) for l in base["layers"].of_graph(GRAPH)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = quantize_onnx_graph(dst, GRAPH, weights, plan.scheme_of, None, calibrated=given)
+    for layer, w in rep.calibrated.items():
+        np.testing.assert_array_equal(w, given[layer])
+    model_q = onnx.load(str(dst))
+    nbits = [n for n in model_q.graph.node if n.op_type == "MatMulNBits"]
+    by_node = {node: layer for node, (layer, _s) in rep.nodes.items()}
+    assert len(nbits) == len(rep.calibrated)
+    for n in nbits:
+        layer = by_node[n.name.rsplit("_Q", 1)[0]]  # the quantizer names the node NAME_Q4
+        np.testing.assert_allclose(_dequantize_nbits(model_q, n).T, given[layer], rtol=0, atol=1e-7)
