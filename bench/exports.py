@@ -47,9 +47,11 @@ def _recipe_dict(recipe: str) -> dict | None:
 
 
 def export_command(checkpoint: Path, out: Path, recipe: str, formats: Sequence[str],
-                   resolution: int | None) -> list[str]:
+                   resolution: int | None, text_model: Path | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "hartkit.cli", "export", "--checkpoint", str(checkpoint), "--format",
            ",".join(formats), "--out", str(out), "--force"]
+    if text_model is not None:
+        cmd += ["--text-model", str(text_model)]
     if recipe != "fp32":  # fp32 = the plain export (no quantization pass)
         cmd += ["--recipe", recipe]
     if resolution:
@@ -81,8 +83,8 @@ def failure_reason(code: int, log: Path) -> str:
 
 
 def prepare_bundles(checkpoint: str | Path, work: str | Path, recipes: Sequence[str], formats: Sequence[str],
-                    resolution: int | None = None, progress: Callable[[str], None] | None = None
-                    ) -> tuple[list[Path], list[dict]]:
+                    resolution: int | None = None, progress: Callable[[str], None] | None = None,
+                    text_model: str | Path | None = None) -> tuple[list[Path], list[dict]]:
     """Export (or reuse) one bundle per (recipe, format) under ``work``; returns the bundles that exist
     and one stats row per export (``failed`` holds the reason of one that did not finish)."""
     say = progress or (lambda _m: None)
@@ -102,7 +104,8 @@ def prepare_bundles(checkpoint: str | Path, work: str | Path, recipes: Sequence[
                 continue
             say(f"exporting {recipe} {fmt} -> {out}")
             log = work / f"{key}.export.log"
-            seconds, rss, code = run_measured(export_command(checkpoint, out, recipe, [fmt], resolution), log)
+            seconds, rss, code = run_measured(export_command(checkpoint, out, recipe, [fmt], resolution,
+                                                                Path(text_model) if text_model else None), log)
             row = {"recipe": recipe, "formats": [fmt], "resolution": resolution, "seconds": seconds,
                    "peak_rss_bytes": rss, "bundle": str(out)}
             if code != 0:

@@ -426,7 +426,8 @@ def format_report(result: BenchResult) -> str:
 def run_bench(checkpoint: str | Path, bundles: str | Path | Sequence[str | Path],
               backends: Sequence[str] | None = None, runs: int = 3, out: str | Path | None = None,
               measure_memory: bool = True, exports: Sequence[dict] = (),
-              progress: Callable[[str], None] | None = None) -> BenchResult:
+              progress: Callable[[str], None] | None = None,
+              text_model: str | Path | None = None) -> BenchResult:
     """Measure every (bundle, backend) against torch eager fp32 of ``checkpoint`` in one process.
 
     Bundles are opened one at a time (so a 0.7B model's sessions are never all resident at once);

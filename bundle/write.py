@@ -131,14 +131,17 @@ def artifacts(folder: Path) -> list[dict]:
 
 def build_manifest(info: dict, tokenizer, golden_graphs: dict, golden_loop: dict, recipe: dict | None,
                    model_name: str, folder: Path, checkpoint_path: Path | None = None,
-                   text_model_path: Path | None = None, self_check: Mapping[str, list[str]] | None = None) -> dict:
+                   text_model_path: Path | None = None, self_check: Mapping[str, list[str]] | None = None,
+                   source: Mapping[str, object] | None = None) -> dict:
     """The export info plus everything a Swift/Kotlin port needs to reproduce an image.
 
     ``self_check``: per format, the graphs whose results depend on the CPU's integer kernels; a
     runtime runs their golden vectors when it loads the bundle (``golden.self_check``).
 
-    ``checkpoint_path``/``text_model_path`` (optional) record where the bundle was exported from, so
-    ``hartkit validate BUNDLE`` finds its reference without ``--checkpoint`` on the same machine.
+    ``source`` (``model.source``): where the weights came from without this machine's paths (a repo id
+    and revision, or a folder's name and content hash: ``hartkit.model.hub.describe_source``).
+    ``checkpoint_path``/``text_model_path`` are the older, absolute record; bundles holding them still
+    load, and new exports pass ``source`` instead.
     """
     loop = info["loop"]
     sched = IDDPMSchedule.create(loop["num_sampling_steps"])
@@ -150,7 +153,8 @@ def build_manifest(info: dict, tokenizer, golden_graphs: dict, golden_loop: dict
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {**info["model"], "name": model_name,
                   **({"checkpoint_path": str(checkpoint_path)} if checkpoint_path is not None else {}),
-                  **({"text_model_path": str(text_model_path)} if text_model_path is not None else {})},
+                  **({"text_model_path": str(text_model_path)} if text_model_path is not None else {}),
+                  **({"source": dict(source)} if source is not None else {})},
         "loop": {
             **loop,
             "rules": {
@@ -220,3 +224,140 @@ def build_manifest(info: dict, tokenizer, golden_graphs: dict, golden_loop: dict
     })
     manifest["artifacts"] = artifacts(folder)
     return manifest
+
+
+# ----------------------------------------------------------------------------- model card and licence
+
+MODEL_CARD = "README.md"
+LICENCE_NAMES = ("LICENSE", "LICENSE.md", "LICENSE.txt", "LICENCE", "LICENCE.md", "LICENCE.txt", "COPYING")
+
+
+def find_licence(folder: Path | None) -> Path | None:
+    """A weights folder's licence file (upstream repos keep one at the top), if any."""
+    if folder is None:
+        return None
+    for name in LICENCE_NAMES:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def card_licence(folder: Path | None) -> str | None:
+    """The ``license:`` a Hugging Face model card (``README.md`` front matter) declares, if any."""
+    import yaml
+
+    card = Path(folder) / "README.md" if folder is not None else None
+    if card is None or not card.is_file():
+        return None
+    try:
+        text = card.read_text(encoding="utf-8", errors="replace")
+        if not text.startswith("---"):
+            return None
+        meta = yaml.safe_load(text.split("---", 2)[1])
+    except (OSError, yaml.YAMLError, IndexError):
+        return None
+    value = meta.get("license") if isinstance(meta, dict) else None
+    return str(value) if isinstance(value, (str, int, float)) and str(value).strip() else None
+
+
+def _source_line(source: Mapping[str, object] | None) -> str:
+    if not source:
+        return "not recorded"
+    if source.get("repo_id"):
+        return (f"Hugging Face `{source['repo_id']}`" + (f"/{source['subfolder']}" if source.get("subfolder") else "")
+                + f", revision `{source.get('revision')}`")
+    return f"local folder `{source.get('name')}` (sha256 of its files `{source.get('sha256')}`)"
+
+
+def _num(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value or "")
+
+
+def write_model_card(folder: Path, info: dict, model_name: str, sources: Mapping[str, Mapping[str, object] | None],
+                     recipe: dict | None, weights_dirs: Mapping[str, Path | None]) -> list[str]:
+    """Write the bundle's ``README.md`` (what model, which recipe, measured parity, how to run it,
+    limitations) and copy each weights folder's licence file beside it (``LICENSE`` for the checkpoint,
+    ``LICENSE.<part>`` for the others). ``sources``/``weights_dirs`` are keyed by part ("checkpoint",
+    "text_model"). Returns the files written. Call it before :func:`build_manifest` (which hashes them)."""
+    from hartkit.fsutil import atomic_file, write_text
+
+    written = []
+    licences = []
+    for part, src_dir in weights_dirs.items():
+        found = find_licence(src_dir)
+        declared = card_licence(src_dir)
+        name = "LICENSE" if part == "checkpoint" else f"LICENSE.{part}"
+        if found is not None:
+            with atomic_file(folder / name) as tmp:
+                tmp.write_bytes(found.read_bytes())
+            written.append(name)
+            licences.append(f"- {part}: `{name}` (copied from the weights' `{found.name}`)"
+                            + (f"; the source's model card declares `{declared}`" if declared else ""))
+        elif declared:
+            licences.append(f"- {part}: `{declared}` as declared by the source's model card (no licence file "
+                            "came with the weights)")
+        else:
+            src = sources.get(part) or {}
+            page = f"https://huggingface.co/{src['repo_id']}" if src.get("repo_id") else "the upstream model page"
+            licences.append(f"- {part}: unknown: the weights came without a licence file or a declared licence; "
+                            f"check {page} before you redistribute or ship them")
+    loop = info["loop"]
+    formats = sorted(info.get("files", {}))
+    parity = info.get("parity") or []
+    rows = [f"| {r.get('format', '')} | {r.get('graph', '')} | {r.get('calls', '')} | "
+            f"{_num(r.get('max_abs_err'))} | {_num(r.get('min_snr_db'))} | {'pass' if r.get('ok') else 'FAIL'} |"
+            for r in parity if isinstance(r, Mapping)]
+    recipe_line = (f"`{recipe.get('name', 'custom')}` (quantized; `recipe.json` holds every layer's scheme)"
+                   if recipe else "none: fp32 weights (fp16 where a format stores them so)")
+    lines = [
+        f"# {model_name}: a hartkit bundle",
+        "",
+        "HART (hybrid autoregressive text-to-image: next-scale AR transformer, residual diffusion head, "
+        "VQ-VAE decoder, Qwen2 text encoder) exported by hartkit "
+        f"{info.get('hartkit_version', '')} for a torch-free runtime.",
+        "",
+        "## Model",
+        f"- checkpoint: {_source_line(sources.get('checkpoint'))}",
+        f"- text model: {_source_line(sources.get('text_model'))}",
+        f"- image size {loop.get('image_size')} px, {len(loop.get('patch_nums', []))} scales, "
+        f"default guidance {loop.get('default_cfg')}",
+        f"- formats: {', '.join(formats) or 'none'}",
+        f"- quantization recipe: {recipe_line}",
+        "",
+        "## Parity (measured at export, each graph against PyTorch on the reference loop's inputs)",
+        "",
+    ]
+    if rows:
+        lines += ["| format | graph | calls | max abs error | min SNR (dB) | |", "|---|---|---|---|---|---|", *rows]
+    else:
+        lines.append("not recorded")
+    lines += [
+        "",
+        "`manifest.json` holds the same numbers, the golden vectors and every file's sha256; "
+        "`hartkit bundle verify .` re-checks them, `hartkit validate .` measures fidelity per stage and image.",
+        "",
+        "## Run it",
+        "",
+        "```bash",
+        "hartkit generate --exported . --backend onnxruntime --prompt \"a red circle\" --seed 0 --out out.png",
+        "```",
+        "",
+        "```python",
+        "from hartkit.runtime.pipeline import Pipeline",
+        "pipe = Pipeline.from_pretrained(\"path/to/this/bundle\", backend=\"onnxruntime\")",
+        "image = pipe(\"a red circle\", seed=0).images[0]",
+        "```",
+        "",
+        "## Limitations",
+        f"- one resolution ({loop.get('image_size')} px): the graphs are exported for its scales only.",
+        "- the same seed gives the same image on the same backend and CPU class; quantized integer graphs "
+        "are self-checked on the CPU that loads them (`hartkit generate --exported` does it).",
+        "- images of a random-weight or small demo checkpoint are not meaningful; a quantized bundle draws "
+        "other samples than fp32 (see the parity bars above and `hartkit validate`).",
+        "",
+        "## Licence",
+        *licences,
+        "",
+    ]
+    write_text(folder / MODEL_CARD, "\n".join(lines))
+    return [MODEL_CARD, *written]

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hartkit.cli.options import RESOLUTION_HELP, parse_resolution
+from hartkit.cli.options import RESOLUTION_HELP, add_checkpoint_options, parse_resolution, resolve_weights
 from hartkit.errors import HartkitError, UsageError
 
 
@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
                     "over this machine's measured fp32 GEMM throughput; peak RSS of a generation; bundle bytes "
                     "over the bit limit; with --recipes, each recipe's export time and peak memory. Writes bench.json, "
                     "bench.md (the table) and bench.png with --out.")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="the checkpoint the bundles were exported from")
+    add_checkpoint_options(p, required=True, checkpoint_help="the checkpoint the bundles were exported from: a folder, "
+                                                             "upstream's .../llm folder or a repo id in the HF cache")
     p.add_argument("--bundle", action="append", metavar="DIR",
                    help="an export bundle (repeat for several; with --recipes: measured beside them)")
     p.add_argument("--recipes", metavar="R1,R2",
@@ -47,6 +48,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from hartkit.fsutil import check_output_dir
 
         check_output_dir(args.out)  # before the minutes of measuring
+    checkpoint, text_model = resolve_weights(args)  # repo ids from the HF cache, before the minutes of work
     bar = tqdm(desc="bench", unit="step", file=sys.stderr, bar_format="{desc}: {n_fmt} steps [{elapsed}] {postfix}")
 
     def step(message: str) -> None:
@@ -64,8 +66,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if not args.work:
                 raise UsageError("--recipes needs --work DIR (where the bundles are exported and reused)")
             recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-            prepared, exports = prepare_bundles(args.checkpoint, args.work, recipes, parse_formats(args.format),
-                                                args.resolution, progress=step)
+            prepared, exports = prepare_bundles(checkpoint, args.work, recipes, parse_formats(args.format),
+                                                args.resolution, progress=step, text_model=text_model)
             bundles = prepared + bundles
         elif args.resolution is not None:
             raise UsageError("--resolution applies with --recipes (a bundle's resolution is fixed at export)")
@@ -73,8 +75,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not bundles:
             raise HartkitError("every export failed: " + "; ".join(f"{e['recipe']} {e['formats'][0]}: {e['failed']}"
                                                                     for e in failed))
-        result = run_bench(args.checkpoint, bundles, backends, runs=args.runs, out=args.out,
-                           measure_memory=not args.no_memory, exports=exports, progress=step)
+        result = run_bench(checkpoint, bundles, backends, runs=args.runs, out=args.out,
+                           measure_memory=not args.no_memory, exports=exports, progress=step, text_model=text_model)
     finally:
         bar.close()
     print(format_report(result))

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from hartkit.cli.options import RESOLUTION_HELP, add_bundle_options, add_export_options, parse_resolution
+from hartkit.cli.options import (RESOLUTION_HELP, add_bundle_options, add_export_options, parse_resolution,
+                                 resolve_weights)
 from hartkit.errors import UsageError
 
 
@@ -35,13 +36,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.out:
         raise UsageError("--out is empty; give a new folder for the bundle")
     check_target(Path(args.out), args.force)  # refuse before the progress bar; again under the lock
+    checkpoint, text_model = resolve_weights(args)  # repo ids from the HF cache, before the progress bar
     bar = tqdm(desc="exporting", unit="step", file=sys.stderr, bar_format="{desc}: {n_fmt} steps [{elapsed}] {postfix}")
     try:
         def step(message: str) -> None:
             bar.set_postfix_str(message)
             bar.update(1)
 
-        result = export_checkpoint(args.checkpoint, args.out, formats, text_model=args.text_model,
+        result = export_checkpoint(checkpoint, args.out, formats, text_model=text_model,
                                    overwrite=args.force, progress=step,
                                    recipe=args.recipe, calibration=args.calibration,
                                    resolution=getattr(args, "resolution", None))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hartkit.cli.options import (BACKENDS, CFG_HELP, RESOLUTION_HELP, add_checkpoint_options,
                                  add_graph_backend_option, parse_cfg, parse_graph_backends, parse_resolution,
-                                 parse_seed)
+                                 parse_seed, resolve_weights)
 from hartkit.errors import UsageError
 
 
@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
         "generate", help="generate images from a checkpoint folder",
         description="Generate an image with the PyTorch reference sampler from a checkpoint in HART's "
                     "official layout (DIR/llm, DIR/tokenizer). The same seed gives the same image.")
-    add_checkpoint_options(p, checkpoint_help="folder with llm/ and tokenizer/ (PyTorch reference sampler)")
+    add_checkpoint_options(p, checkpoint_help="PyTorch reference sampler on a folder with llm/ and tokenizer/, "
+                                              "upstream's .../llm folder, or a Hugging Face repo id in the local cache")
     p.add_argument("--exported", metavar="DIR", help="an export folder from `hartkit export` (torch-free runtime)")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
                    help="runtime backend with --exported (default: onnxruntime)")
@@ -52,24 +53,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                    args.prompt, args.seed, args.cfg, not args.no_smooth, args.top_p,
                                    self_check=not args.no_self_check)
     else:
-        checkpoint = Path(args.checkpoint)
-        text_model = text_model_dir(checkpoint, args.text_model)
+        checkpoint, text_model = resolve_weights(args)  # folders, .../llm or repo ids in the HF cache
         images = generate_images(checkpoint, text_model, args.prompt, args.seed, args.cfg,
                                  not args.no_smooth, args.top_p, args.resolution)
     for path in save_images(images, Path(args.out)):
         print(f"wrote {path}")
     return 0
-
-
-def text_model_dir(checkpoint: Path, text_model: str | None) -> Path:
-    if text_model:
-        return Path(text_model)
-    default = checkpoint / "text_model"
-    if default.is_dir():
-        return default
-    if not checkpoint.is_dir():
-        raise UsageError(f"{checkpoint}: checkpoint folder not found")
-    raise UsageError(f"{checkpoint}: no text_model/ folder inside; pass --text-model DIR (a Qwen2 model folder)")
 
 
 def load_reference(checkpoint: Path, text_model: Path, resolution: int | None = None):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 from hartkit.errors import HartkitError, UsageError
 
@@ -69,11 +70,32 @@ def parse_graph_backends(items: list[str] | None) -> dict[str, str]:
 # ----------------------------------------------------------------------------- option groups
 
 
+CHECKPOINT_HELP = ("folder with llm/ and tokenizer/, upstream's .../llm folder, or a Hugging Face repo id "
+                   "(e.g. mit-han-lab/hart-0.7b-1024px) in the local cache")
+
+
 def add_checkpoint_options(p: argparse.ArgumentParser, *, required: bool = False,
-                           checkpoint_help: str = "folder with llm/ and tokenizer/") -> None:
-    """``--checkpoint DIR`` and ``--text-model DIR`` (generate, export, validate, quantize, sensitivity)."""
-    p.add_argument("--checkpoint", required=required, metavar="DIR", help=checkpoint_help)
-    p.add_argument("--text-model", metavar="DIR", help="Qwen2 text model folder (default: DIR/text_model)")
+                           checkpoint_help: str = CHECKPOINT_HELP, text_model: bool = True) -> None:
+    """``--checkpoint DIR|REPO_ID``, ``--text-model DIR|REPO_ID`` and ``--allow-download`` (generate,
+    export, validate, quantize, sensitivity, bench); read with :func:`resolve_weights`."""
+    p.add_argument("--checkpoint", required=required, metavar="DIR|REPO_ID", help=checkpoint_help)
+    if text_model:
+        p.add_argument("--text-model", metavar="DIR|REPO_ID",
+                       help="Qwen2 text model: a folder or a repo id (default: DIR/text_model, else upstream's "
+                            "mit-han-lab/Qwen2-VL-1.5B-Instruct from the local Hugging Face cache)")
+    p.add_argument("--allow-download", action="store_true",
+                   help="fetch a repo id that is not in the Hugging Face cache (default: offline, the cache only; "
+                        "HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE apply)")
+
+
+def resolve_weights(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(checkpoint root, text model folder) of ``--checkpoint``/``--text-model``, as local folders: repo
+    ids from the Hugging Face cache (fetched first with ``--allow-download``), ``.../llm`` -> its parent."""
+    from hartkit.model.hub import resolve_checkpoint, resolve_text_model
+
+    allow = bool(getattr(args, "allow_download", False))
+    checkpoint = resolve_checkpoint(args.checkpoint, allow_download=allow)
+    return checkpoint, resolve_text_model(getattr(args, "text_model", None), checkpoint, allow_download=allow)
 
 
 def add_bundle_options(p: argparse.ArgumentParser, *, required: bool, out_help: str,

@@ -153,7 +153,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    model, encoder, system_length = _load(args.checkpoint, args.text_model)
+    model, encoder, system_length = _load(args)
 
     def say(msg: str) -> None:
         print(msg, file=sys.stderr)

@@ -55,6 +55,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     T.resolve(overrides)  # refuse a typo before the minutes of work
     check_output_dir(args.out)  # and an output folder that cannot be written
     prompts = read_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
+    checkpoint, text_model = args.checkpoint, args.text_model
+    if checkpoint:  # repo ids from the HF cache (fetched first with --allow-download)
+        from hartkit.cli.options import resolve_weights
+
+        checkpoint, text_model = resolve_weights(args)
     seeds = parse_seeds(args.seeds)
     bars: list = []  # the progress bar starts once the amount of work is known (after the checks)
     try:
@@ -66,7 +71,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 bars[0].set_postfix_str(message)
                 bars[0].update(1)
 
-        report = validate(args.bundles, args.checkpoint, text_model=args.text_model, backend=args.backend,
+        report = validate(args.bundles, checkpoint, text_model=text_model, backend=args.backend,
                           graph_backends=parse_graph_backends(args.graph_backend), prompts=prompts, seeds=seeds,
                           cfg=args.cfg, thresholds=overrides, fp16=not args.no_fp16, progress=step,
                           on_total=on_total)

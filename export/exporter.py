@@ -244,12 +244,22 @@ def export_checkpoint(
             }
             golden_loop = None
         self_check = {fmt: quant.integer_graphs(fmt) for fmt in formats} if quant is not None else {}
-        manifest = build_manifest(info, encoder.tokenizer, golden_graphs, golden_loop,
-                                  quant.recipe.to_dict() if quant is not None else None,  # issue 4 hook
-                                  checkpoint.resolve().name, tmp, checkpoint_path=checkpoint.resolve(),
-                                  text_model_path=text_dir.resolve(), self_check=self_check)
+        recipe_dict = quant.recipe.to_dict() if quant is not None else None  # issue 4 hook
+        sources = export_sources(checkpoint, text_dir)
+        model_name = sources["checkpoint"].get("repo_id") or checkpoint.resolve().name
+        write_model_card(tmp, info, model_name, sources, recipe_dict, {"checkpoint": checkpoint, "text_model": text_dir})
+        manifest = build_manifest(info, encoder.tokenizer, golden_graphs, golden_loop, recipe_dict,
+                                  model_name, tmp, self_check=self_check, source=sources)
         write_manifest(tmp, manifest)
     return result
+
+
+def export_sources(checkpoint: Path, text_dir: Path) -> dict[str, dict]:
+    """Where the weights came from, without this machine's paths (repo id + revision, or name + sha256)."""
+    from hartkit.model.hub import describe_source
+
+    return {"checkpoint": describe_source(checkpoint, subfolders=("llm", "tokenizer")),
+            "text_model": describe_source(text_dir)}
 
 
 def _release_weights(*modules) -> None:

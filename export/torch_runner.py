@@ -44,9 +44,11 @@ class TorchBackend:
         from hartkit.model.checkpoint import load_hart
         from hartkit.model.text_encoder import TextEncoder
 
-        checkpoint = Path(checkpoint)
+        from hartkit.model.hub import resolve_checkpoint, resolve_text_model
+
+        checkpoint = resolve_checkpoint(checkpoint)  # a folder, .../llm or a cached repo id
         model = load_hart(checkpoint, resolution=resolution)
-        encoder = TextEncoder.from_pretrained(Path(text_model) if text_model else checkpoint / "text_model")
+        encoder = TextEncoder.from_pretrained(resolve_text_model(text_model, checkpoint))
         return cls.from_model(model, encoder, system_length_of(encoder.tokenizer, model.cfg.context_token))
 
     def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:

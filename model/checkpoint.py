@@ -326,9 +326,13 @@ def load_hart(root: str | os.PathLike, *, prefer_ema: bool = True, dtype: torch.
               resolution: int | None = None) -> HART:
     """Load ``<root>/llm`` and ``<root>/tokenizer`` (the official layout) on the CPU.
 
-    ``resolution`` (px) runs the model on fewer scales, see :func:`restrict_resolution`.
+    ``root`` may also be upstream's ``.../llm`` folder or a Hugging Face repo id in the local cache
+    (:func:`hartkit.model.hub.resolve_checkpoint`). ``resolution`` (px) runs the model on fewer scales,
+    see :func:`restrict_resolution`.
     """
-    root = Path(root)
+    from hartkit.model.hub import resolve_checkpoint
+
+    root = resolve_checkpoint(root)
     _check_dir(root, "checkpoint")
     llm_dir = root / "llm"
     _check_dir(llm_dir, "llm")

@@ -347,13 +347,14 @@ def test_html_report_renders_in_a_headless_browser(validation, tmp_path):
 # ----------------------------------------------------------------------------- CLI
 
 
-def test_cli_exit_codes_and_report_location(onnx_bundle, broken_bundle, tmp_path, capsys):
+def test_cli_exit_codes_and_report_location(onnx_bundle, broken_bundle, tiny_checkpoint, tmp_path, capsys):
     from hartkit.cli import main
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(PROMPT + "\n")
-    common = ["--prompts", str(prompts), "--seeds", "0", "--no-fp16"]
-    # The bundle's manifest records the checkpoint it came from: no --checkpoint needed.
+    # A manifest records a local checkpoint by name and content hash only (no path of the exporting
+    # machine), so its folder is given; one from the Hugging Face cache is found by id (test_hub.py).
+    common = ["--prompts", str(prompts), "--seeds", "0", "--no-fp16", "--checkpoint", str(tiny_checkpoint)]
     assert main(["validate", str(onnx_bundle[0]), *common, "--out", str(tmp_path / "good")]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and (tmp_path / "good" / "report.html").resolve().as_uri() in out

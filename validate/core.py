@@ -652,15 +652,27 @@ def checkpoint_from_manifests(bundles: Sequence[str | Path], text_model: str | P
     found: dict[str, dict] = {}
     for bundle in bundles:
         model = read_manifest(Path(bundle)).get("model", {})
-        if model.get("checkpoint_path"):
+        source = model.get("source") if isinstance(model.get("source"), dict) else {}
+        hub = source.get("checkpoint") if isinstance(source.get("checkpoint"), dict) else {}
+        if hub.get("repo_id"):  # exported from the Hugging Face cache: found there again by id and revision
+            found.setdefault(f"{hub['repo_id']}@{hub.get('revision') or 'main'}", model)
+        elif model.get("checkpoint_path"):  # bundles of older versions recorded an absolute path
             found.setdefault(str(model["checkpoint_path"]), model)
     if not found:
-        raise UsageError("the bundles' manifests do not record their checkpoint; pass --checkpoint DIR "
-                         "(the checkpoint they were exported from)")
+        raise UsageError("the bundles' manifests name no checkpoint this machine can find (a local folder is "
+                         "recorded by name and content hash only); pass --checkpoint DIR (the checkpoint they were "
+                         "exported from)")
     if len(found) > 1:
         raise UsageError(f"the bundles were exported from different checkpoints ({', '.join(sorted(found))}); "
                          "validate them separately or pass --checkpoint DIR")
     path, model = next(iter(found.items()))
+    if not model.get("checkpoint_path"):
+        from hartkit.model.hub import resolve_checkpoint, resolve_text_model
+
+        text = model["source"].get("text_model") or {}
+        if text_model is None and text.get("repo_id") and not text.get("subfolder"):
+            text_model = resolve_text_model(f"{text['repo_id']}@{text.get('revision') or 'main'}", Path("."))
+        return resolve_checkpoint(path), (Path(text_model) if text_model else None)
     if not Path(path).is_dir():
         raise UsageError(f"the bundles' manifests name checkpoint {path}, which is not a folder here; "
                          "pass --checkpoint DIR")

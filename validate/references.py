@@ -52,12 +52,10 @@ class Autocast16Backend:
 
 
 def text_model_dir(checkpoint: Path, text_model: str | Path | None) -> Path:
-    if text_model:
-        return Path(text_model)
-    default = checkpoint / "text_model"
-    if default.is_dir():
-        return default
-    raise UsageError(f"{checkpoint}: no text_model/ folder inside; pass --text-model DIR (a Qwen2 model folder)")
+    """--text-model (folder or repo id), else DIR/text_model, else upstream's default from the HF cache."""
+    from hartkit.model.hub import resolve_text_model
+
+    return resolve_text_model(text_model, checkpoint)
 
 
 class References:
@@ -68,7 +66,9 @@ class References:
         from hartkit.model.text_encoder import TextEncoder
         from hartkit.export.torch_runner import TorchBackend, system_length_of
 
-        self.checkpoint = Path(checkpoint)
+        from hartkit.model.hub import resolve_checkpoint
+
+        self.checkpoint = resolve_checkpoint(checkpoint)  # a folder, .../llm or a cached repo id
         if not self.checkpoint.is_dir():
             raise UsageError(f"{self.checkpoint}: checkpoint folder not found")
         self.text_model = text_model_dir(self.checkpoint, text_model)
