@@ -16,33 +16,35 @@ const W1 = [0xbb67ae85, 0x84caa73b];
 const prod = new Uint32Array(4);
 
 /**
- * Full 64x64 -> 128-bit product of (aHi:aLo) and (bHi:bLo) into `prod`, by 16-bit limbs so that every
- * partial product and carry stays exact in a double.
+ * Full 64x64 -> 128-bit product of (aHi:aLo) and (bHi:bLo) into `prod`, by 16-bit limbs: each partial
+ * product is below 2**32 and is split into its 16-bit halves, so every sum stays a small integer.
  * @param {number} aHi @param {number} aLo @param {number} bHi @param {number} bLo
  */
 function mulhilo(aHi, aLo, bHi, bLo) {
-  const a0 = aLo & 0xffff, a1 = aLo >>> 16, a2 = aHi & 0xffff, a3 = aHi >>> 16;
-  const b0 = bLo & 0xffff, b1 = bLo >>> 16, b2 = bHi & 0xffff, b3 = bHi >>> 16;
-  let t = a0 * b0;
-  const r0 = t % 65536;
-  t = Math.floor(t / 65536) + a0 * b1 + a1 * b0;
-  const r1 = t % 65536;
-  t = Math.floor(t / 65536) + a0 * b2 + a1 * b1 + a2 * b0;
-  const r2 = t % 65536;
-  t = Math.floor(t / 65536) + a0 * b3 + a1 * b2 + a2 * b1 + a3 * b0;
-  const r3 = t % 65536;
-  t = Math.floor(t / 65536) + a1 * b3 + a2 * b2 + a3 * b1;
-  const r4 = t % 65536;
-  t = Math.floor(t / 65536) + a2 * b3 + a3 * b2;
-  const r5 = t % 65536;
-  t = Math.floor(t / 65536) + a3 * b3;
-  const r6 = t % 65536;
-  const r7 = Math.floor(t / 65536);
-  prod[0] = r0 + r1 * 65536;
-  prod[1] = r2 + r3 * 65536;
-  prod[2] = r4 + r5 * 65536;
-  prod[3] = r6 + r7 * 65536;
+  const a = limbA, b = limbB;
+  a[0] = aLo & 0xffff; a[1] = aLo >>> 16; a[2] = aHi & 0xffff; a[3] = aHi >>> 16;
+  b[0] = bLo & 0xffff; b[1] = bLo >>> 16; b[2] = bHi & 0xffff; b[3] = bHi >>> 16;
+  lowCols.fill(0);
+  highCols.fill(0);
+  for (let i = 0; i < 4; i++) {
+    for (let j = 0; j < 4; j++) {
+      const p = a[i] * b[j]; // < 2**32, exact
+      lowCols[i + j] += p & 0xffff;
+      highCols[i + j + 1] += p >>> 16;
+    }
+  }
+  let carry = 0;
+  for (let k = 0; k < 8; k += 2) {
+    const t0 = lowCols[k] + highCols[k] + carry;
+    const t1 = lowCols[k + 1] + highCols[k + 1] + (t0 >>> 16);
+    prod[k >> 1] = ((t0 & 0xffff) | ((t1 & 0xffff) << 16)) >>> 0;
+    carry = t1 >>> 16;
+  }
 }
+const limbA = new Uint32Array(4);
+const limbB = new Uint32Array(4);
+const lowCols = new Uint32Array(9);
+const highCols = new Uint32Array(9);
 
 /** 64-bit add of (bHi:bLo) into words [i, i+1] (hi, lo) of a Uint32Array. */
 function add64(arr, i, bHi, bLo) {
@@ -51,14 +53,18 @@ function add64(arr, i, bHi, bLo) {
   arr[i] = arr[i] + bHi + (lo > 0xffffffff ? 1 : 0);
 }
 
+const stateC = new Uint32Array(8); // scratch: no allocation per block
+const stateK = new Uint32Array(4);
+
 /**
  * One Philox4x64-10 block: counter (4 words) and key (2 words), each word as [hi, lo] pairs in a
  * Uint32Array (ctr: 8 entries, key: 4 entries). Writes the 4 output words into `out` (8 entries).
  * @param {Uint32Array} ctrIn @param {Uint32Array} keyIn @param {Uint32Array} out
  */
 export function philox4x64_10(ctrIn, keyIn, out) {
-  const c = Uint32Array.from(ctrIn);
-  const k = Uint32Array.from(keyIn);
+  const c = stateC, k = stateK;
+  c.set(ctrIn);
+  k.set(keyIn);
   for (let round = 0; round < 10; round++) {
     if (round > 0) {
       add64(k, 0, W0[0], W0[1]);
