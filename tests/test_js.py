@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import warnings
@@ -24,7 +25,7 @@ JS = ROOT / "js"
 DEMO = ROOT / "assets" / "demo"
 
 NODE = shutil.which("node")
-pytestmark = [
+needs_node = [
     pytest.mark.skipif(NODE is None, reason="node is not installed (the JS runtime's tests need Node >= 20)"),
     pytest.mark.skipif(not (JS / "node_modules" / "onnxruntime-node").is_dir(),
                        reason="js/node_modules is missing: run `npm ci` in js/ (.ci/run does when node is present)"),
@@ -189,6 +190,8 @@ def fixtures(demo_bundle, onnx_bundle, tmp_path_factory) -> Path:
     return folder
 
 
+@needs_node[0]
+@needs_node[1]
 def test_node_runtime_matches_python(fixtures):
     """Every Node test (js/test/*.test.js) passes against the Python runtime's outputs."""
     env = {**os.environ, "HARTKIT_JS_FIXTURES": str(fixtures / "fixtures.json")}
@@ -197,3 +200,40 @@ def test_node_runtime_matches_python(fixtures):
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     # every fixture-driven test ran (none skipped for want of fixtures)
     assert "# skipped 0" in proc.stdout or "ℹ skipped 0" in proc.stdout, proc.stdout[-3000:]
+
+
+GUIDE_KEY = re.compile(r"`((?:schema_version|files|onnx_weights|artifacts|constants|tokenizer|prompt|loop|rng|diffusion|graphs)"
+                       r"(?:\.[a-z_0-9]+)*)`")
+# What a port must follow, section by section: every key there must be named in the guide.
+GUIDED_SECTIONS = ("loop.rules", "loop.rope", "rng", "diffusion")
+
+
+def _lookup(manifest: dict, dotted: str):
+    node = manifest
+    for part in dotted.split("."):
+        assert isinstance(node, dict) and part in node, f"the porting guide names `{dotted}`, which a manifest lacks"
+        node = node[part]
+    return node
+
+
+def test_porting_guide_matches_the_manifest_and_schema(onnx_bundle):
+    """README's porting guide names only keys a fresh manifest has, and names every rule a port follows."""
+    from hartkit.bundle import MANIFEST_SCHEMA, read_manifest
+
+    readme = (ROOT / "README.md").read_text()
+    guide = readme.split("### Porting guide", 1)[1].split("\n## ", 1)[0]
+    named = set(GUIDE_KEY.findall(guide))
+    manifest = read_manifest(onnx_bundle[0])
+    for key in named:
+        _lookup(manifest, key)
+    for section in GUIDED_SECTIONS:
+        for key in _lookup(manifest, section):
+            assert f"{section}.{key}" in named, f"`{section}.{key}` is in the manifest but not in the porting guide"
+    # the RoPE rule is schema-checked (a theta a port can trust) and refuses a bad one
+    assert MANIFEST_SCHEMA["properties"]["loop"]["properties"]["rope"]["required"] == ["theta"]
+    from hartkit.bundle import BundleError, parse_manifest
+
+    bad = json.loads((onnx_bundle[0] / "manifest.json").read_text())
+    bad["loop"]["rope"]["theta"] = -1
+    with pytest.raises(BundleError, match="rope"):
+        parse_manifest(json.dumps(bad))
