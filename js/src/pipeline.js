@@ -20,6 +20,11 @@ export class BundleError extends Error {
   name = "BundleError";
 }
 
+/** A quantized graph computes differently on this machine than where the bundle was exported. */
+export class SelfCheckError extends BundleError {
+  name = "SelfCheckError";
+}
+
 /**
  * How a pipeline reads a bundle: its files by relative path, and how a graph becomes a session.
  * @typedef {object} BundleSource
@@ -148,7 +153,7 @@ export class Pipeline {
    * Load a bundle: manifest checked, every artifact's sha256 checked (unless `verify: false`), then the
    * tokenizer, codebook and one onnxruntime session per graph. Nothing is kept when a step fails.
    * @param {BundleSource} source @param {any} ort the onnxruntime module (node or web)
-   * @param {{ verify?: boolean, onProgress?: (message: string) => void }} [options]
+   * @param {{ verify?: boolean, selfCheck?: boolean, onProgress?: (message: string) => void }} [options]
    */
   static async load(source, ort, options = {}) {
     const { verify = true, onProgress = () => {} } = options;
@@ -210,7 +215,59 @@ export class Pipeline {
       await pipe.release();
       throw new BundleError(`${source.label}: onnxruntime cannot load a graph (${String(err.message ?? err).split("\n")[0]})`);
     }
+    if (options.selfCheck ?? true) {
+      try {
+        await pipe.selfCheck(source, onProgress);
+      } catch (err) {
+        await pipe.release();
+        throw err;
+      }
+    }
     return pipe;
+  }
+
+  /**
+   * The graphs that compute in integers replay their golden vectors here (manifest `golden.self_check`,
+   * files in `golden.graphs.by_format.onnx`): integer kernels differ between CPUs, so a graph whose
+   * worst error exceeds atol + rtol * max|golden| refuses the bundle. fp32 bundles list none.
+   * @param {BundleSource} source @param {(message: string) => void} onProgress
+   */
+  async selfCheck(source, onProgress = () => {}) {
+    const golden = this.manifest.golden ?? {};
+    const entries = golden.graphs?.by_format?.onnx ?? {};
+    const graphs = golden.self_check?.onnx ?? Object.keys(entries);
+    const listed = new Map(this.manifest.artifacts.map((a) => [a.path, a.sha256]));
+    for (const graph of graphs) {
+      const entry = entries[graph];
+      if (!entry) throw new BundleError(`${source.label}: golden.self_check names ${graph}, which has no golden vector`);
+      checkRelPath(entry.file, source.label);
+      if ((await source.sha256(entry.file)) !== listed.get(entry.file)) {
+        throw new BundleError(`${source.label}/${entry.file}: sha256 does not match the manifest`);
+      }
+      onProgress(`self-check ${graph}`);
+      const data = parseNpz(await source.readBytes(entry.file), entry.file);
+      /** @type {Record<string, any>} */
+      const feeds = {};
+      for (const [key, value] of Object.entries(data)) {
+        if (!key.startsWith("in.")) continue;
+        feeds[key.slice(3)] = value.dtype === "int64" ? { int64: Array.from(value.data, Number), dims: value.shape }
+          : new Tensor32(Float32Array.from(value.data), value.shape);
+      }
+      const spec = this.manifest.graphs.find((g) => g.name === graph);
+      const outputs = await this.run(graph, feeds);
+      spec.outputs.forEach((/** @type {any} */ o, i) => {
+        const ref = data[`out.${o.name}`]?.data;
+        if (!ref) return;
+        let err = 0, peak = 0;
+        for (let k = 0; k < ref.length; k++) {
+          err = Math.max(err, Math.abs(outputs[i].data[k] - Number(ref[k])));
+          peak = Math.max(peak, Math.abs(Number(ref[k])));
+        }
+        if (!(err <= entry.atol + entry.rtol * peak)) {
+          throw new SelfCheckError(`${source.label}: self-check failed on this CPU: graph ${graph} output ${o.name} is ${err.toExponential(3)} from the output recorded at export (tolerance atol ${entry.atol}, rtol ${entry.rtol}); its integer kernels compute differently here, re-export with a recipe exact on every CPU or load with selfCheck: false`);
+        }
+      });
+    }
   }
 
   /** Free every session. */

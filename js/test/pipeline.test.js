@@ -3,7 +3,7 @@ import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:f
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { after, test } from "node:test";
-import { BundleError, Pipeline, parseNpz } from "../src/node.js";
+import { BundleError, Pipeline, SelfCheckError, parseNpz } from "../src/node.js";
 import { arrays, maxAbsDiff, needFixtures, spec } from "../test-support/fixtures.js";
 
 /** @type {Map<string, any>} */
@@ -112,3 +112,26 @@ for (const [what, change, message] of broken) {
     }
   });
 }
+
+/** The demo bundle with its fp32 golden vectors listed for the load-time self-check at a tolerance. */
+const selfChecked = (atol) => brokenCopy((d, m) => {
+  m.golden.self_check = { onnx: ["ar_context", "ar_head", "condition"] };
+  m.golden.graphs.by_format = { onnx: Object.fromEntries(m.golden.self_check.onnx.map((g) => [g, { file: `golden/${g}.npz`, atol, rtol: 0 }])) };
+});
+
+test("the load-time self-check replays the listed graphs' golden vectors and refuses a miss", { skip: needFixtures }, async () => {
+  const ok = selfChecked(1e-3);
+  const bad = selfChecked(-1); // no output can be within a negative tolerance
+  try {
+    const checked = [];
+    const pipe = await Pipeline.fromBundle(ok, { onProgress: (m) => { if (m.startsWith("self-check")) checked.push(m); } });
+    await pipe.release();
+    assert.deepEqual(checked, ["self-check ar_context", "self-check ar_head", "self-check condition"]);
+    await assert.rejects(Pipeline.fromBundle(bad), (err) => err instanceof SelfCheckError && /graph ar_context output h/.test(err.message));
+    const skipped = await Pipeline.fromBundle(bad, { selfCheck: false });
+    await skipped.release();
+  } finally {
+    rmSync(ok, { recursive: true, force: true });
+    rmSync(bad, { recursive: true, force: true });
+  }
+});
