@@ -78,12 +78,17 @@ test("bad input: guidance and seed out of range are one clear error each", { ski
 /** A copy of the demo bundle changed by `change(dir, manifest)`; returns the folder. */
 function brokenCopy(change) {
   const dir = mkdtempSync(path.join(tmpdir(), "hartkit-js-"));
-  cpSync(spec.demo_bundle, dir, { recursive: true });
-  const file = path.join(dir, "manifest.json");
-  const manifest = JSON.parse(readFileSync(file, "utf8").replace(/-?Infinity|NaN/g, "null"));
-  const next = change(dir, manifest);
-  writeFileSync(file, JSON.stringify(next ?? manifest));
-  return dir;
+  try {
+    cpSync(spec.demo_bundle, dir, { recursive: true });
+    const file = path.join(dir, "manifest.json");
+    const manifest = JSON.parse(readFileSync(file, "utf8").replace(/-?Infinity|NaN/g, "null"));
+    const next = change(dir, manifest);
+    writeFileSync(file, JSON.stringify(next ?? manifest));
+    return dir;
+  } catch (err) {
+    rmSync(dir, { recursive: true, force: true });
+    throw err;
+  }
 }
 
 const broken = [
