@@ -442,13 +442,15 @@ def run_bench(checkpoint: str | Path, bundles: str | Path | Sequence[str | Path]
     from hartkit.runtime.pipeline import Pipeline
 
     say = progress or (lambda _m: None)
-    checkpoint = Path(checkpoint)
+    from hartkit.model.hub import resolve_checkpoint, resolve_text_model
+
+    checkpoint = resolve_checkpoint(checkpoint)  # a folder, .../llm or a cached repo id
     if isinstance(bundles, (str, Path)):
         bundles = [bundles]
     targets, notes = targets_of([Path(b) for b in bundles], backends)
     first = targets[0].manifest
     model = load_hart(checkpoint, resolution=first["loop"].get("image_size"))
-    encoder = TextEncoder.from_pretrained(checkpoint / "text_model")
+    encoder = TextEncoder.from_pretrained(resolve_text_model(text_model, checkpoint))
     torch_backend, info = TorchBackend.from_model(model, encoder, first["loop"]["system_length"])
     # The reference is the one loop over the eager graphs (Pipeline.from_checkpoint's, on weights already loaded).
     reference = Pipeline(LoopInfo.from_dict(info["loop"]), torch_backend, encoder.tokenizer, torch_backend.codebook)

@@ -64,16 +64,13 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_sensitivity)
 
 
-def _load(checkpoint: str, text_model: str | None):
-    from hartkit.errors import UsageError
+def _load(args: argparse.Namespace):
+    from hartkit.cli.options import resolve_weights
     from hartkit.model.checkpoint import load_hart
     from hartkit.model.text_encoder import TextEncoder
     from hartkit.export.torch_runner import system_length_of
 
-    ck = Path(checkpoint)
-    text = Path(text_model) if text_model else ck / "text_model"
-    if not text.is_dir():
-        raise UsageError(f"{ck}: no text_model/ folder inside; pass --text-model DIR")
+    ck, text = resolve_weights(args)  # folders, .../llm or repo ids in the HF cache
     model = load_hart(ck)
     encoder = TextEncoder.from_pretrained(text)
     return model, encoder, system_length_of(encoder.tokenizer, model.cfg.context_token)
@@ -117,7 +114,7 @@ def _dry_run(args: argparse.Namespace) -> int:
     from hartkit.quantize.sizes import MB, layer_bytes, plan_bytes
 
     recipe = Recipe.load(args.recipe)
-    model, encoder, system_length = _load(args.checkpoint, args.text_model)
+    model, encoder, system_length = _load(args)
     layers = discover(model, encoder, hart_graph_specs(model, encoder, system_length))
     for fmt in parse_formats(args.format):
         plan = resolve(recipe, layers, fmt)

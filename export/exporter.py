@@ -165,8 +165,12 @@ def export_checkpoint(
     require_format_libraries(formats)
     out = Path(out)
     check_target(out, overwrite)
-    checkpoint = Path(checkpoint)
-    text_dir = Path(text_model) if text_model else checkpoint / "text_model"
+    from hartkit.bundle.write import write_model_card
+    from hartkit.model.hub import resolve_checkpoint, resolve_text_model
+
+    # A folder, upstream's .../llm folder or a repo id in the local Hugging Face cache (hartkit.model.hub).
+    checkpoint = resolve_checkpoint(checkpoint)
+    text_dir = resolve_text_model(text_model, checkpoint)
 
     say = progress or (lambda _m: None)
     say("loading checkpoint")
