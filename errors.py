@@ -21,3 +21,9 @@ class MissingDependencyError(HartkitError):
 
 class OutputError(HartkitError):
     """An output cannot be written: read-only folder, disk full, a name too long, a path in use."""
+
+
+class BundleError(HartkitError):
+    """A bundle is malformed, tampered with, or from a newer hartkit (or names a path outside itself)."""
+
+    exit_code = 3

@@ -29,19 +29,68 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
-from hartkit.errors import HartkitError, OutputError, UsageError
+from hartkit.errors import BundleError, HartkitError, OutputError, UsageError
 
 MARKER = ".hartkit-tmp"  # inside every temp folder: who made it (JSON), so stale ones can be told apart
 TMP_INFIX = ".tmp-"
 _WORK, _OLD = "work", "old"  # inside a temp folder: the folder being built, the one it replaces
 LOCK_SUFFIX = ".hartkit-lock"  # a name no one else uses: the file is truncated and removed
 _DEFAULT_NAME_MAX = 255
+MAX_PATH_CHARS = 1024  # longest path a manifest or an archive may name (the schema bounds it too)
 
 
 # ----------------------------------------------------------------------------- paths
+
+
+def one_line(text: object, limit: int = 200) -> str:
+    """One line of at most ``limit`` characters: hostile values (a manifest's, an archive's) must not flood a message."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def safe_relpath(rel: str, source: str) -> PurePosixPath:
+    """A path a manifest or an archive names: relative, in canonical POSIX form, inside its folder."""
+    if not isinstance(rel, str):
+        raise BundleError(f"{source}: path {rel!r} is not a string")
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts or not p.parts or "\\" in rel:
+        raise BundleError(f"{source}: artifact path {one_line(repr(rel))} escapes the bundle")
+    # one spelling per file ("a//b", "./a", "a/" are refused), no control characters, no over-long names
+    if str(p) != rel or any(ord(c) < 32 or c == "\x7f" for c in rel) or len(rel) > MAX_PATH_CHARS \
+            or any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in p.parts):
+        raise BundleError(f"{source}: path {one_line(repr(rel))} is not a plain relative path")
+    return p
+
+
+def confined_path(folder: str | os.PathLike, rel: str, what: str, contents: bool = False) -> Path:
+    """``folder / rel`` for a path a manifest names, refused (:class:`~hartkit.errors.BundleError`) unless it
+    stays inside the folder: relative, no ``..``, no backslash, and no symbolic link anywhere on the way (a
+    link could point anywhere, and a bundle is meant to be copied whole). The file need not exist.
+    ``contents``: a folder (the tokenizer's) must hold no link either."""
+    folder = Path(folder)
+    parts = safe_relpath(rel, what).parts
+    path = folder
+    try:
+        for part in parts:
+            path = path / part
+            if path.is_symlink():
+                raise BundleError(f"{what}: {one_line(rel)} is or passes through a symbolic link "
+                                  f"({path.relative_to(folder).as_posix()}); refused")
+        inside = path.resolve().is_relative_to(folder.resolve())
+        if contents and path.is_dir():
+            for root, dirs, files in os.walk(path):
+                link = next((n for n in dirs + files if os.path.islink(os.path.join(root, n))), None)
+                if link is not None:
+                    raise BundleError(f"{what}: {one_line(rel)} holds a symbolic link ({one_line(link)}); refused")
+    except (OSError, RuntimeError, ValueError) as exc:  # over-long names, symlink loops around the folder
+        raise BundleError(f"{what}: cannot resolve {one_line(rel)} ({one_line(exc)})") from None
+    if not inside:
+        raise BundleError(f"{what}: {one_line(rel)} resolves outside the bundle {folder}")
+    return path
+
 
 
 def absolute(path: str | os.PathLike) -> Path:
@@ -187,7 +236,7 @@ def _remove_empty(created: list[Path]) -> None:
 _umask_guard = threading.Lock()
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process umask, read without changing it where the system tells it (Linux): setting it,
     even for an instant, would change the mode of files other threads create meanwhile."""
     try:
@@ -247,7 +296,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         try:
             mode = stat.S_IMODE(os.stat(target).st_mode)  # replacing a file keeps its permissions
         except OSError:
-            mode = 0o666 & ~_umask()  # mkstemp made it 0600; a new output should look like any new file
+            mode = 0o666 & ~current_umask()  # mkstemp made it 0600; a new output should look like any new file
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException as exc:
@@ -560,7 +609,7 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False,
         except OSError as exc:
             shutil.rmtree(holder, ignore_errors=True)
             raise _oserror(shown, exc) from None
-        umask = _umask()
+        umask = current_umask()
         try:
             yield work
             check_dir_target(out, overwrite, replaceable, what=what, error=error, shown=shown)

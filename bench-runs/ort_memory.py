@@ -25,7 +25,7 @@ SETTINGS = [(True, False), (False, False), (True, True), (False, True)]  # (aren
 CHILD = r"""
 import json, sys, time
 bundle, arena, ctx, runs = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1", int(sys.argv[4])
-import hartkit.runtime.backends as B
+import hartkit.backends as B
 B.OnnxRuntimeBackend.use_arena = arena
 B.OnnxRuntimeBackend.context_on_stage_graph = ctx
 from hartkit.runtime.pipeline import Pipeline

@@ -147,7 +147,7 @@ def _cpu_name() -> str | None:
 
 
 def _format_backend() -> dict[str, str]:
-    from hartkit.runtime.backends import BACKEND_FORMAT
+    from hartkit.backends import BACKEND_FORMAT
 
     return {fmt: backend for backend, fmt in BACKEND_FORMAT.items() if backend != "torch"}
 
@@ -166,7 +166,7 @@ class Target:
 
     @property
     def format(self) -> str:
-        from hartkit.runtime.backends import BACKEND_FORMAT
+        from hartkit.backends import BACKEND_FORMAT
 
         return BACKEND_FORMAT[self.backend]
 
@@ -435,7 +435,7 @@ def run_bench(checkpoint: str | Path, bundles: str | Path | Sequence[str | Path]
     import gc
 
     from hartkit.bench.flops import kv_cache_bytes
-    from hartkit.export.torch_runner import TorchBackend
+    from hartkit.model.torch_runner import TorchBackend
     from hartkit.loop.plan import LoopInfo
     from hartkit.model.checkpoint import load_hart
     from hartkit.model.text_encoder import TextEncoder

@@ -25,7 +25,7 @@ from hartkit.bundle.archive import default_archive, pack, unpack
 from hartkit.bundle.cpu import cpu_description, cpu_isa
 from hartkit.bundle.format import (ARCHIVE_SUFFIX, CONSTANTS, GOLDEN_DIR, GOLDEN_LOOP, LOOP_KEYS, MANIFEST,
                                    SCHEMA_VERSION, TOKENIZER_DIR, BundleError, sha256_file)
-from hartkit.bundle.read import (bundle_path, load_codebook, load_golden, load_npz, parse_manifest, past_shape,
+from hartkit.bundle.read import (bundle_path, load_codebook, load_golden, load_npz, parse_manifest,
                                  peek_manifest, read_manifest, tokenizer_dir)
 from hartkit.bundle.schema import (MANIFEST_SCHEMA, MAX_CONTEXT, MAX_INFLATION, MAX_MANIFEST_BYTES, MAX_PATCH,
                                    MAX_SCALES, MAX_STAGE_ELEMENTS)
@@ -33,9 +33,9 @@ from hartkit.bundle.selfcheck import SelfCheckError, check_or_raise, run_self_ch
 from hartkit.bundle.verify import (FORMAT_BACKEND, VerifyReport, verify_bundle, verify_files, verify_golden,
                                    verify_loop)
 from hartkit.bundle.write import (QUANTIZED_GOLDEN_TOL, artifacts, build_export_info, build_manifest,
-                                  library_versions, loop_info, write_constants, write_golden, write_loop_golden,
+                                  library_versions, write_constants, write_golden, write_loop_golden,
                                   write_manifest)
-from hartkit.loop.plan import LoopInfo  # re-exported: the manifest's `loop` section is this dataclass
+from hartkit.loop.plan import LoopInfo, past_shape  # re-exported: the manifest's `loop` section is this dataclass
 
 __all__ = [
     "ARCHIVE_SUFFIX", "CONSTANTS", "GOLDEN_DIR", "GOLDEN_LOOP", "LOOP_KEYS", "MANIFEST", "SCHEMA_VERSION",
@@ -48,6 +48,6 @@ __all__ = [
     "FORMAT_BACKEND", "VerifyReport", "verify_bundle", "verify_files", "verify_golden", "verify_loop",
     "SelfCheckError", "check_or_raise", "run_self_check", "self_check_graphs",
     "default_archive", "pack", "unpack",
-    "QUANTIZED_GOLDEN_TOL", "artifacts", "build_export_info", "build_manifest", "library_versions", "loop_info",
+    "QUANTIZED_GOLDEN_TOL", "artifacts", "build_export_info", "build_manifest", "library_versions",
     "write_constants", "write_golden", "write_loop_golden", "write_manifest",
 ]

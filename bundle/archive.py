@@ -21,7 +21,7 @@ from hartkit.bundle.read import bundle_path, manifest_bytes, parse_manifest, saf
 from hartkit.bundle.schema import MAX_ARTIFACTS, MAX_INFLATION, MAX_MANIFEST_BYTES
 from hartkit.bundle.verify import verify_bundle
 from hartkit.errors import HartkitError, UsageError
-from hartkit.fsutil import _umask  # read without changing it: unpack may run beside other threads
+from hartkit.fsutil import current_umask  # read without changing it: unpack may run beside other threads
 
 
 def default_archive(folder: str | Path) -> Path:
@@ -57,7 +57,7 @@ def pack(folder: str | Path, archive: str | Path | None = None) -> Path:
             zf.writestr(info, raw)
             for art in manifest["artifacts"]:
                 _pack_file(zf, folder, art)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the archive should look like any new file
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; the archive should look like any new file
         os.replace(tmp, archive)
     except OSError as exc:
         _remove(tmp, made)
@@ -147,7 +147,7 @@ def unpack(archive: str | Path, out: str | Path) -> Path:
                 target = tmp.joinpath(*PurePosixPath(rel).parts)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 _extract(zf, info, target, archive)
-            umask = _umask()
+            umask = current_umask()
             for path in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700: apps and other users must read it
                 os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
             report = verify_bundle(tmp)

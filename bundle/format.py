@@ -6,7 +6,8 @@ import hashlib
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from hartkit.errors import HartkitError
+from hartkit.errors import BundleError  # noqa: F401 - re-exported: the format's error
+from hartkit.fsutil import one_line  # noqa: F401 - re-exported: the bundle modules' message helper
 from hartkit.loop.plan import LoopInfo
 
 MANIFEST = "manifest.json"
@@ -21,12 +22,6 @@ ARCHIVE_SUFFIX = ".hartkit"
 SCHEMA_VERSION = 1
 
 
-class BundleError(HartkitError):
-    """A bundle is malformed, tampered with, or from a newer hartkit."""
-
-    exit_code = 3
-
-
 # The keys every manifest's ``loop`` section has (``default_cfg`` came later and may be absent).
 LOOP_KEYS = tuple(f.name for f in fields(LoopInfo) if f.default is MISSING)
 
@@ -37,9 +32,3 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def one_line(text: object, limit: int = 200) -> str:
-    """One line of at most ``limit`` characters: hostile values must not flood a message."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."

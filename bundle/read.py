@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
@@ -17,9 +16,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from hartkit.bundle.format import CONSTANTS, MANIFEST, SCHEMA_VERSION, TOKENIZER_DIR, BundleError, one_line
-from hartkit.bundle.schema import (MAX_DIFFUSION_ELEMENTS, MAX_INFLATION, MAX_MANIFEST_BYTES, MAX_PATH_CHARS,
+from hartkit.bundle.schema import (MAX_DIFFUSION_ELEMENTS, MAX_INFLATION, MAX_MANIFEST_BYTES,
                                    MAX_STAGE_ELEMENTS, validator)
 from hartkit.errors import HartkitError
+from hartkit.fsutil import confined_path as bundle_path
+from hartkit.fsutil import safe_relpath
 from hartkit.loop.plan import LoopInfo
 from hartkit.loop.schedule import NUM_TRAIN_STEPS, space_timesteps
 
@@ -174,47 +175,6 @@ def golden_files(manifest: dict) -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------- paths and files
 
 
-def safe_relpath(rel: str, source: str) -> PurePosixPath:
-    """A path the manifest or an archive names: relative, in canonical POSIX form, inside the bundle."""
-    if not isinstance(rel, str):
-        raise BundleError(f"{source}: path {rel!r} is not a string")
-    p = PurePosixPath(rel)
-    if p.is_absolute() or ".." in p.parts or not p.parts or "\\" in rel:
-        raise BundleError(f"{source}: artifact path {one_line(repr(rel))} escapes the bundle")
-    # one spelling per file ("a//b", "./a", "a/" are refused), no control characters, no over-long names
-    if str(p) != rel or any(ord(c) < 32 or c == "\x7f" for c in rel) or len(rel) > MAX_PATH_CHARS \
-            or any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in p.parts):
-        raise BundleError(f"{source}: path {one_line(repr(rel))} is not a plain relative path")
-    return p
-
-
-def bundle_path(folder: str | Path, rel: str, what: str, contents: bool = False) -> Path:
-    """``folder / rel`` for a path a manifest names, refused (:class:`BundleError`) unless it stays inside
-    the bundle: relative, no ``..``, no backslash, and no symbolic link anywhere on the way (a link could
-    point anywhere, and a bundle is meant to be copied whole). The file need not exist. ``contents``:
-    a folder (the tokenizer's) must hold no link either."""
-    folder = Path(folder)
-    parts = safe_relpath(rel, what).parts
-    path = folder
-    try:
-        for part in parts:
-            path = path / part
-            if path.is_symlink():
-                raise BundleError(f"{what}: {one_line(rel)} is or passes through a symbolic link "
-                                  f"({path.relative_to(folder).as_posix()}); refused")
-        inside = path.resolve().is_relative_to(folder.resolve())
-        if contents and path.is_dir():
-            for root, dirs, files in os.walk(path):
-                link = next((n for n in dirs + files if os.path.islink(os.path.join(root, n))), None)
-                if link is not None:
-                    raise BundleError(f"{what}: {one_line(rel)} holds a symbolic link ({one_line(link)}); refused")
-    except (OSError, RuntimeError, ValueError) as exc:  # over-long names, symlink loops around the folder
-        raise BundleError(f"{what}: cannot resolve {one_line(rel)} ({one_line(exc)})") from None
-    if not inside:
-        raise BundleError(f"{what}: {one_line(rel)} resolves outside the bundle {folder}")
-    return path
-
-
 def load_npz(path: Path) -> dict[str, np.ndarray]:
     """Every array of an ``.npz`` file, read without pickles and without trusting its headers: a member
     that inflates past :data:`MAX_INFLATION` or declares more bytes than it holds is refused before
@@ -276,17 +236,3 @@ def load_codebook(folder: Path, manifest: Mapping[str, Any], loop: LoopInfo) -> 
 def tokenizer_dir(folder: Path, manifest: Mapping[str, Any]) -> Path:
     """The tokenizer folder, inside the bundle and holding no link."""
     return bundle_path(folder, manifest.get("tokenizer", TOKENIZER_DIR), "tokenizer", contents=True)
-
-
-def past_shape(manifest: Mapping[str, Any]) -> tuple[int, int, int, int] | None:
-    """(depth, rows, heads, head_dim) of ar_stage's ``past_k`` [depth, rows, heads, past, head_dim]."""
-    for graph in manifest.get("graphs", []):
-        if graph.get("name") != "ar_stage":
-            continue
-        for spec in graph.get("inputs", []):
-            shape = spec.get("shape", [])
-            if spec.get("name") == "past_k" and len(shape) == 5:
-                fixed = [shape[i] for i in (0, 1, 2, 4)]
-                if all(isinstance(d, int) for d in fixed):
-                    return tuple(fixed)  # type: ignore[return-value]
-    return None

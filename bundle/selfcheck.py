@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
+from hartkit.backends import BACKEND_FORMAT
 from hartkit.bundle.cpu import cpu_isa
 from hartkit.bundle.format import BundleError
 from hartkit.bundle.verify import VerifyReport, verify_golden
@@ -34,8 +35,6 @@ def self_check_graphs(manifest: Mapping, fmt: str) -> list[str]:
 
 def run_self_check(folder: Path, manifest: Mapping, runner) -> VerifyReport:
     """Run the self-check graphs on the backends ``runner`` routes them to (a MixedBackend or one backend)."""
-    from hartkit.runtime.backends import BACKEND_FORMAT  # which format each backend runs (the runtime's table)
-
     by_backend: dict[int, tuple[object, list[str]]] = {}
     for graph in (g["name"] for g in manifest["graphs"]):
         sub = runner.backend_for(graph) if hasattr(runner, "backend_for") else runner

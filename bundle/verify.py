@@ -2,8 +2,8 @@
 
 ``verify_bundle(folder)`` needs nothing but the files; with ``backend`` it also runs every graph's
 recorded inputs on that backend and replays the recorded generation, so "verified" always means
-something was run. Running needs the runtime, which sits above this package: those imports are made
-inside the functions that run something, never at import time.
+something was run: on the graph runners of :mod:`hartkit.backends`, under the one sampling loop
+(:class:`hartkit.loop.sampler.StagedLoop`), both below this package.
 """
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ from typing import Collection
 
 import numpy as np
 
+from hartkit.backends import BACKEND_FORMAT, FORMAT_BACKEND, open_backend
 from hartkit.bundle.format import CONSTANTS, MANIFEST, TOKENIZER_DIR, BundleError, one_line, sha256_file
-from hartkit.bundle.read import bundle_path, golden_files, load_golden, load_npz, read_manifest
+from hartkit.bundle.read import (bundle_path, golden_files, load_codebook, load_golden, load_npz, read_manifest,
+                                 tokenizer_dir)
 from hartkit.errors import HartkitError, UsageError
 from hartkit.loop.metrics import psnr, snr_db
+from hartkit.loop.plan import LoopInfo
 
 
 @dataclass
@@ -156,7 +159,8 @@ def verify_golden(folder: Path, manifest: dict, backend, report: VerifyReport, f
 
 def verify_loop(folder: Path, manifest: dict, backend: str, report: VerifyReport) -> None:
     """Replay the recorded generation (prompt, seed): same tokens at every stage, image within 40 dB."""
-    from hartkit.runtime.pipeline import Pipeline  # the replay runs the runtime's loop
+    from hartkit.loop.prompt import PromptTokenizer
+    from hartkit.loop.sampler import StagedLoop
 
     entry = manifest.get("golden", {}).get("loop")
     if not entry:
@@ -165,8 +169,12 @@ def verify_loop(folder: Path, manifest: dict, backend: str, report: VerifyReport
         data = load_npz(bundle_path(folder, entry["file"], "golden loop"))
         tokens = [data[f"tokens.{i}"] for i in range(len(manifest["loop"]["patch_nums"]))]
         ref_image = data["image"]
-        pipe = Pipeline.from_exported(folder, backend=backend)
-        image, trace = pipe.generate(entry["prompt"], seed=int(entry["seed"]), cfg=float(entry["cfg"]),
+        loop = LoopInfo.from_dict(manifest["loop"])
+        runner = open_backend(folder, manifest, backend, {}, generation=True)
+        codebook = load_codebook(folder, manifest, loop)
+        tokenizer = PromptTokenizer.from_dir(tokenizer_dir(folder, manifest))
+        sampler = StagedLoop(loop, runner.run, tokenizer, codebook)
+        image, trace = sampler.generate(entry["prompt"], seed=int(entry["seed"]), cfg=float(entry["cfg"]),
                                      more_smooth=bool(entry.get("more_smooth", True)))
         first_bad = next((si for si, (a, b) in enumerate(zip(tokens, trace.tokens)) if not np.array_equal(a, b)),
                          None)
@@ -185,10 +193,6 @@ def verify_loop(folder: Path, manifest: dict, backend: str, report: VerifyReport
                           "first_divergent_stage": first_bad, "psnr_db": quality})
 
 
-# Which backend runs each export format (the inverse of backends.BACKEND_FORMAT, for messages).
-FORMAT_BACKEND = {"onnx": "onnxruntime", "executorch": "executorch", "coreml": "coreml"}
-
-
 def verify_bundle(folder: str | Path, backend: str | None = None) -> VerifyReport:
     """Hashes, schema, files vs manifest; with ``backend``, the golden vectors and the loop replay too.
 
@@ -200,8 +204,6 @@ def verify_bundle(folder: str | Path, backend: str | None = None) -> VerifyRepor
     report = VerifyReport()
     verify_files(folder, manifest, report)
     if backend is not None and report.ok:
-        from hartkit.runtime.backends import BACKEND_FORMAT, open_backend  # to run the golden vectors
-
         fmt = BACKEND_FORMAT.get(backend)
         formats = sorted(f for f, graphs in manifest["files"].items() if graphs)
         if fmt in FORMAT_BACKEND and fmt not in formats:

@@ -20,14 +20,14 @@ from hartkit.bundle.cpu import cpu_description
 from hartkit.bundle.format import (CONSTANTS, GOLDEN_DIR, GOLDEN_LOOP, MANIFEST, SCHEMA_VERSION, TOKENIZER_DIR,
                                    sha256_file)
 from hartkit.fsutil import write_json
-from hartkit.loop.plan import LoopInfo, stage_plan
+from hartkit.loop.plan import stage_plan
 from hartkit.loop.prompt import HART_SYSTEM_PROMPT
 from hartkit.loop.rng import describe_contract
 from hartkit.loop.rope import describe_rope
 from hartkit.loop.schedule import VAE_SCALE, IDDPMSchedule
 
 if TYPE_CHECKING:
-    from hartkit.export.graphs import GraphSpec
+    from hartkit.model.graphs import GraphSpec
     from hartkit.model.checkpoint import HART
 
 LIBRARIES = ("torch", "numpy", "transformers", "tokenizers", "onnx", "onnxruntime", "onnxscript", "executorch",
@@ -42,28 +42,12 @@ TARGETS = {"coreml": {"minimum_deployment_target": "iOS17", "compute_precision":
            "executorch": {"delegate": "XnnpackBackend"}, "onnx": {"opset": 18}}
 
 
-def loop_info(model: "HART", system_length: int) -> dict:
-    """The manifest's ``loop`` section: what the torch-free host loop needs, plus the image size."""
-    cfg = model.cfg
-    loop = LoopInfo(
-        patch_nums=tuple(cfg.patch_nums),
-        context_token=cfg.context_token,
-        vocab_size=model.vocab_size,
-        latent_dim=model.latent_dim,
-        head_dim=cfg.head_dim,
-        attn_type=cfg.attn_type,
-        num_phis=int(model.vae.num_phis),
-        num_sampling_steps=str(cfg.num_sampling_steps),
-        system_length=int(system_length),
-        default_cfg=float(model.default_cfg),  # the checkpoint's recommended guidance (else HART's 4.5)
-    )
-    return {**loop.to_dict(), "image_size": cfg.patch_nums[-1] * model.vae_cfg.downsample}
-
-
 def build_export_info(model: "HART", system_length: int, specs: Sequence["GraphSpec"],
                       files: dict[str, dict[str, str]] | None = None) -> dict:
     """What an export folder holds: the ``loop`` section, every graph's declared inputs/outputs, the
     file of each graph per format. :func:`build_manifest` adds the rest once the files are written."""
+    from hartkit.model.graphs import loop_info  # the loop section is read off the torch model (export time only)
+
     return {
         "hartkit_version": __version__,
         "model": {"hart": model.cfg.to_dict(), "vae": model.vae_cfg.to_dict()},

@@ -68,7 +68,7 @@ def _load(args: argparse.Namespace):
     from hartkit.cli.options import resolve_weights
     from hartkit.model.checkpoint import load_hart
     from hartkit.model.text_encoder import TextEncoder
-    from hartkit.export.torch_runner import system_length_of
+    from hartkit.model.torch_runner import system_length_of
 
     ck, text = resolve_weights(args)  # folders, .../llm or repo ids in the HF cache
     model = load_hart(ck)
@@ -108,7 +108,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def _dry_run(args: argparse.Namespace) -> int:
     from hartkit.export.exporter import parse_formats
-    from hartkit.export.graphs import hart_graph_specs
+    from hartkit.model.graphs import hart_graph_specs
     from hartkit.quantize.layers import discover
     from hartkit.quantize.recipe import Recipe, resolve
     from hartkit.quantize.sizes import MB, layer_bytes, plan_bytes

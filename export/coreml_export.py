@@ -1,7 +1,7 @@
 """Core ML export of the graphs (mlprogram ``.mlpackage``, fp16 compute) and its check without a Mac.
 
 **Conversion.** Every graph goes ``torch.export`` (non-strict, bounded dynamic dims from the
-:class:`~hartkit.export.graphs.Dim` s) -> ``coremltools.convert`` -> ``coreml/<graph>.mlpackage``,
+:class:`~hartkit.model.graphs.Dim` s) -> ``coremltools.convert`` -> ``coreml/<graph>.mlpackage``,
 ``minimum_deployment_target=iOS17``, ``compute_precision=FLOAT16``, inputs and outputs named as in the
 spec. Bounded dims become ``ct.RangeDim(min, max, default=example size)``; RangeDim converted every
 graph we have, so no EnumeratedShapes are used. (Core ML runs RangeDim models on CPU/GPU; the Neural
@@ -30,21 +30,18 @@ inputs recorded from the reference loop; see that module for exactly what this d
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import math
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from hartkit.errors import HartkitError, MissingDependencyError
+from hartkit.export.mil_check import quiet_coremltools
 from hartkit.export.parity import GraphParity, OutputParity, compare_outputs
 
 COREML_DIR = "coreml"
@@ -62,29 +59,11 @@ FP16_ATOL, FP16_RTOL, FP16_MIN_SNR_DB = 2e-3, 3e-2, 35.0
 
 def _require():
     try:
-        with _quiet():
+        with quiet_coremltools():
             import coremltools as ct
     except ImportError as exc:
         raise MissingDependencyError("Core ML export needs coremltools: pip install 'hartkit[coreml]'") from exc
     return ct
-
-
-@contextlib.contextmanager
-def _quiet():
-    """coremltools prints tqdm progress bars and warns about untested torch versions and the missing
-    macOS-only native module; none of it is actionable here."""
-    loggers = [logging.getLogger(n) for n in ("coremltools", "torch.export", "torch._export")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -114,7 +93,7 @@ def _bool_logic_decompositions() -> dict:
 def exported_program(spec, module):
     import torch
 
-    from hartkit.export.onnx_export import dynamic_shapes
+    from hartkit.model.graphs import dynamic_shapes
 
     with torch.no_grad():
         ep = torch.export.export(module.eval(), spec.example_inputs(), dynamic_shapes=dynamic_shapes(spec),
@@ -127,7 +106,7 @@ def convert_graph(spec, module, target: str = MINIMUM_TARGET):
     ct = _require()
     inputs, outputs = coreml_io(spec, ct)
     ep = exported_program(spec, module)
-    with _quiet():
+    with quiet_coremltools():
         return ct.convert(ep, inputs=inputs, outputs=outputs, convert_to="mlprogram",
                           minimum_deployment_target=getattr(ct.target, target),
                           compute_precision=ct.precision.FLOAT16, skip_model_load=True)
@@ -146,8 +125,8 @@ def _atomic_package(path: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _save(mlmodel, path: Path) -> None:
-    with _quiet():
+def save_package(mlmodel, path: Path) -> None:
+    with quiet_coremltools():
         _atomic_package(path, lambda tmp: mlmodel.save(str(tmp)))
 
 
@@ -164,7 +143,7 @@ def save_multifunction_package(packages: Mapping[str, Path], dest: Path) -> None
     for graph, path in packages.items():
         desc.add_function(str(path), src_function_name="main", target_function_name=graph)
     desc.default_function_name = next(iter(packages))
-    with _quiet():
+    with quiet_coremltools():
         _atomic_package(dest, lambda tmp: save_multifunction(desc, str(tmp)))
 
 
@@ -186,15 +165,15 @@ def export_coreml(specs: Sequence, modules: Mapping, out_dir: Path, progress: Ca
         except Exception as exc:  # the converter raises bare NotImplementedError/ValueError etc.
             raise HartkitError(f"Core ML conversion of graph '{spec.name}' failed: {type(exc).__name__}: {exc}") from exc
         rel = f"{COREML_DIR}/{spec.name}.mlpackage"
-        _save(mlmodel, out_dir / rel)
+        save_package(mlmodel, out_dir / rel)
         files[spec.name] = rel
         timings[spec.name] = round(time.perf_counter() - start, 2)
     if multifunction:
-        _export_multifunction(specs, files, out_dir, say, timings)
+        export_multifunction(specs, files, out_dir, say, timings)
     return files
 
 
-def _export_multifunction(specs, files: dict[str, str], out_dir: Path, say,
+def export_multifunction(specs, files: dict[str, str], out_dir: Path, say,
                           timings: Mapping[str, float] | None = None) -> None:
     """The iOS18 multifunction packages of the weight groups, and ``coreml/multifunction.json``
     (functions, sizes next to the separate packages', conversion seconds per graph)."""

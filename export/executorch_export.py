@@ -1,7 +1,7 @@
 """ExecuTorch export of the graphs: one ``executorch/hart.pte``, one method per graph, XNNPACK delegate.
 
 Every graph goes through ``torch.export.export(strict=False)`` with the bounded dynamic dimensions of
-its :class:`~hartkit.export.graphs.GraphSpec`; all of them are then lowered together by
+its :class:`~hartkit.model.graphs.GraphSpec`; all of them are then lowered together by
 ``to_edge_transform_and_lower({name: program, ...})`` into one program. Lowering them together is what
 lets the graphs that read the same weights share them: ``condition``, ``ar_context``, ``ar_stage``,
 ``ar_head``, ``diffusion_condition`` and the ``residual_*`` graphs all read transformer parameters.
@@ -31,7 +31,6 @@ import json
 import operator
 import os
 import time
-import types
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +38,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from hartkit.errors import HartkitError, MissingDependencyError
-from hartkit.export.graphs import GraphSpec
-from hartkit.export.onnx_export import dynamic_shapes
+from hartkit.model.graphs import GraphSpec, dynamic_shapes
+from hartkit.model.qkv_bias import fold_qkv_bias, unfold_qkv_bias
 
 SUBDIR = "executorch"
 PROGRAM = "hart.pte"
@@ -282,58 +280,6 @@ def check_planned_shapes(specs: Mapping[str, GraphSpec], path: Path, methods: Se
 
 
 # ----------------------------------------------------------------------------- the export
-
-
-class _ConstantQKVBias(TorchFunctionMode):
-    """Inside one AR attention's forward: ``torch.cat((q_bias, zero_k_bias, v_bias))`` -> a parameter.
-
-    XNNPACK delegates a linear only when its bias is a constant; the AR attention builds its qkv
-    bias with a ``cat`` in forward (upstream's layout: no k bias), which left every qkv projection
-    outside the delegate: in fp32 a portable (naive) addmm per block, most of the 169 s an fp32
-    ar_context call took at 0.7B; quantized, torchao's quantize ops with no out-variants (the program
-    did not load). Same values, computed once."""
-
-    def __init__(self, attn: nn.Module) -> None:
-        super().__init__()
-        self.attn = attn
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        a = self.attn
-        if func is torch.cat and args and isinstance(args[0], (list, tuple)) and len(args[0]) == 3 \
-                and args[0][0] is a.q_bias and args[0][1] is a.zero_k_bias and args[0][2] is a.v_bias:
-            return a.qkv_bias_folded
-        return func(*args, **kwargs)
-
-
-def _folded_forward(self, *args, **kwargs):
-    with _ConstantQKVBias(self):
-        return type(self).forward(self, *args, **kwargs)
-
-
-def fold_qkv_bias(root: nn.Module) -> list[nn.Module]:
-    """Give every AR attention under ``root`` a precomputed qkv bias parameter (see
-    :class:`_ConstantQKVBias`); attentions already folded are left alone. Returns those it folded.
-
-    The new forward is a method bound to its module (not a closure over it), so a deep copy of a
-    folded model computes with the copy's own weights."""
-    folded = []
-    for mod in root.modules():
-        if not all(hasattr(mod, n) for n in ("q_bias", "zero_k_bias", "v_bias")) or hasattr(mod, "qkv_bias_folded"):
-            continue
-        with torch.no_grad():
-            bias = torch.cat((mod.q_bias, mod.zero_k_bias, mod.v_bias)).detach().clone()
-        mod.qkv_bias_folded = nn.Parameter(bias, requires_grad=False)
-        mod.forward = types.MethodType(_folded_forward, mod)
-        folded.append(mod)
-    return folded
-
-
-def unfold_qkv_bias(folded: Sequence[nn.Module]) -> None:
-    """Undo :func:`fold_qkv_bias` (the exporter folds the caller's model only while it traces)."""
-    for mod in folded:
-        del mod.qkv_bias_folded
-        del mod.forward
 
 
 def export_executorch(specs: list[GraphSpec], modules: Mapping[str, nn.Module], out_dir: Path,

@@ -14,10 +14,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from hartkit.bundle import (MANIFEST, QUANTIZED_GOLDEN_TOL, TOKENIZER_DIR, LoopInfo, build_export_info,
-                            build_manifest, loop_info, read_manifest, write_constants, write_golden,
+                            build_manifest, read_manifest, write_constants, write_golden,
                             write_loop_golden, write_manifest)
 from hartkit.errors import HartkitError, MissingDependencyError, UsageError
-from hartkit.export.graphs import GraphSpec, hart_graph_specs
+from hartkit.model.graphs import GraphSpec, hart_graph_specs, loop_info
 from hartkit.export.parity import GraphParity, ParityError, check_backend, format_table
 
 FORMATS = ("onnx", "executorch", "coreml")
@@ -158,7 +158,7 @@ def export_checkpoint(
     from hartkit.fsutil import atomic_dir
     from hartkit.model.checkpoint import load_hart
     from hartkit.model.text_encoder import TextEncoder
-    from hartkit.export.torch_runner import TorchBackend, system_length_of
+    from hartkit.model.torch_runner import TorchBackend, system_length_of
     from hartkit.loop.sampler import StagedLoop
 
     formats = parse_formats(formats)
@@ -337,11 +337,11 @@ def _export_format(fmt: str, specs: list[GraphSpec], modules, folder: Path, say)
 
 def _check_format(fmt: str, folder: Path, info: dict, recorded, output_names, result: ExportResult) -> list[GraphParity]:
     if fmt == "onnx":
-        from hartkit.runtime.backends import OnnxRuntimeBackend
+        from hartkit.backends import OnnxRuntimeBackend
 
         return check_backend(OnnxRuntimeBackend(folder, info), fmt, recorded, output_names)
     if fmt == "executorch":
-        from hartkit.runtime.executorch_backend import ExecuTorchBackend
+        from hartkit.backends import ExecuTorchBackend
 
         return check_backend(ExecuTorchBackend(folder, info), fmt, recorded, output_names)
     if fmt == "coreml":

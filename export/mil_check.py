@@ -28,8 +28,12 @@ No torch here; coremltools is needed only to parse the protobuf.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import math
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -74,6 +78,24 @@ class MILOp:
     inputs: dict[str, list[str | np.ndarray]]  # variable names or immediate values
     outputs: list[ValueInfo]
     value: Any = None  # const ops: the value (numpy array or str)
+
+
+@contextlib.contextmanager
+def quiet_coremltools():
+    """coremltools prints tqdm progress bars and warns about untested torch versions and the missing
+    macOS-only native module; none of it is actionable here."""
+    loggers = [logging.getLogger(n) for n in ("coremltools", "torch.export", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 # ----------------------------------------------------------------------------- reading a package
@@ -205,9 +227,8 @@ def load_package(path: str | Path) -> MILProgram:
     model_dir = path / "Data" / "com.apple.CoreML"
     if not (model_dir / "model.mlmodel").is_file():
         raise MILError(f"{path}: not an mlpackage (no Data/com.apple.CoreML/model.mlmodel)")
-    from hartkit.export.coreml_export import _quiet
 
-    with _quiet():
+    with quiet_coremltools():
         import coremltools as ct
 
         spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()

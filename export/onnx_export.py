@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from hartkit.errors import MissingDependencyError
-from hartkit.export.graphs import GraphSpec
+from hartkit.model.graphs import GraphSpec, dynamic_shapes
 
 OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of initializers; protobuf's hard limit is 2 GB
@@ -32,17 +32,6 @@ def _require():
         import onnxscript  # noqa: F401
     except ImportError as exc:
         raise MissingDependencyError("ONNX export needs onnx and onnxscript: pip install 'hartkit[onnx]'") from exc
-
-
-def dynamic_shapes(spec: GraphSpec) -> tuple | None:
-    dims = {name: torch.export.Dim(name, min=d.min, max=d.max) for name, d in spec.dims.items()}
-    if not dims:
-        return None
-    out = []
-    for inp in spec.inputs:
-        axes = {i: dims[d.name] for i, d in enumerate(inp.shape) if not isinstance(d, int)}
-        out.append(axes or None)
-    return tuple(out)
 
 
 @contextlib.contextmanager

@@ -123,3 +123,17 @@ class LoopInfo:
 
 # How from_dict converts each field, by its annotation (a string under ``from __future__ import annotations``).
 _AS_TYPE = {"tuple[int, ...]": lambda v: tuple(int(p) for p in v), "int": int, "str": str, "float": float}
+
+
+def past_shape(manifest: Mapping[str, Any]) -> tuple[int, int, int, int] | None:
+    """(depth, rows, heads, head_dim) of ar_stage's ``past_k`` [depth, rows, heads, past, head_dim]."""
+    for graph in manifest.get("graphs", []):
+        if graph.get("name") != "ar_stage":
+            continue
+        for spec in graph.get("inputs", []):
+            shape = spec.get("shape", [])
+            if spec.get("name") == "past_k" and len(shape) == 5:
+                fixed = [shape[i] for i in (0, 1, 2, 4)]
+                if all(isinstance(d, int) for d in fixed):
+                    return tuple(fixed)  # type: ignore[return-value]
+    return None

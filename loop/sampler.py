@@ -1,7 +1,7 @@
 """The staged sampling loop, once, in numpy over graphs run by name (imports no torch).
 
 :class:`StagedLoop` is HART's ``autoregressive_infer_cfg`` cut at the graphs of
-``hartkit.export.graphs``: every network call is ``run(graph, feeds) -> [outputs]``, so the same
+``hartkit.model.graphs``: every network call is ``run(graph, feeds) -> [outputs]``, so the same
 loop drives eager torch (export recording, calibration, ``Pipeline.from_checkpoint``) and every
 exported runtime. Sampling, CFG mixing and the diffusion scheduler stay here in fp32, fed by the
 portable RNG in the contract's order (:mod:`hartkit.loop.rng`); ``hartkit.model.sampler`` is the

@@ -28,8 +28,8 @@ from torch import nn
 
 from hartkit.errors import UsageError
 from hartkit.export.parity import GraphParity, OutputParity, release_done
-from hartkit.export.executorch_export import fold_qkv_bias
 from hartkit.loop.metrics import max_abs_err, snr_db
+from hartkit.model.qkv_bias import fold_qkv_bias
 from hartkit.quantize import fakequant as fq
 from hartkit.quantize.layers import LayerTable, discover, layer_modules
 from hartkit.quantize.recipe import RECIPE_FILE, Plan, Recipe, resolve
@@ -105,7 +105,7 @@ class Realization:
 def realize(model, encoder, system_length: int, plan: Plan,
             ranges: Mapping[str, Mapping[str, tuple[float, float]]] | None = None) -> Realization:
     """Model copies with ``plan`` applied as ``plan.fmt`` computes it."""
-    from hartkit.export.graphs import hart_graph_specs
+    from hartkit.model.graphs import hart_graph_specs
 
     fmt = plan.fmt
     qmodel, qenc = fq.copy_models(model, encoder)
@@ -163,7 +163,7 @@ def check_quantized(backend, realization: Realization, recorded: Mapping[str, li
     """Every recorded call on ``backend`` vs the eager reference; -> parity rows and a per-graph report.
 
     ``eager_outputs``, if given, receives graph -> [(feeds, eager-quantized outputs)] (golden vectors)."""
-    from hartkit.export.graphs import run_graph
+    from hartkit.model.graphs import run_graph
 
     fmt = label or realization.fmt
     rows, report = [], {}
@@ -325,11 +325,11 @@ class QuantizedExport:
     def check(self, fmt: str, folder: Path, info: dict, recorded, output_names, result) -> list[GraphParity]:
         input_names = {g["name"]: [i["name"] for i in g["inputs"]] for g in info["graphs"]}
         if fmt == "onnx":
-            from hartkit.runtime.backends import OnnxRuntimeBackend
+            from hartkit.backends import OnnxRuntimeBackend
 
             backend = OnnxRuntimeBackend(folder, info)
         elif fmt == "executorch":
-            from hartkit.runtime.executorch_backend import ExecuTorchBackend
+            from hartkit.backends import ExecuTorchBackend
 
             backend = ExecuTorchBackend(folder, info)
         elif fmt == "coreml":

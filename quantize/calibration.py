@@ -201,17 +201,16 @@ def record(model, encoder, system_length: int, prompts: Sequence[str] | None = N
            cfg: float | None = None, max_calls: int = DEFAULT_MAX_CALLS,
            progress: Callable[[str], None] | None = None) -> CalibrationSet:
     """Run the reference loop (eager fp32 graphs) on every prompt and keep the graphs' inputs."""
-    from hartkit.bundle import loop_info
-    from hartkit.export.torch_runner import TorchBackend
     from hartkit.loop.plan import LoopInfo
     from hartkit.loop.sampler import StagedLoop
+    from hartkit.model.torch_runner import TorchBackend
 
     prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
     if not prompts:
         raise UsageError("calibration needs at least one prompt")
-    backend, _ = TorchBackend.from_model(model, encoder, system_length)
+    backend, info = TorchBackend.from_model(model, encoder, system_length)
     rec = _Recorder(backend, max_calls)
-    pipe = StagedLoop(LoopInfo.from_dict(loop_info(model, system_length)), rec.run, encoder.tokenizer, backend.codebook)
+    pipe = StagedLoop(LoopInfo.from_dict(info["loop"]), rec.run, encoder.tokenizer, backend.codebook)
     cfg = pipe.loop.default_cfg if cfg is None else cfg  # calibrate at the guidance the model will run at
     import warnings
 
@@ -227,7 +226,7 @@ def record(model, encoder, system_length: int, prompts: Sequence[str] | None = N
 
 def replay_fns(modules: Mapping[str, object], spec_inputs: Mapping[str, list[str]]) -> dict[str, Callable]:
     """graph -> fn(feeds) -> outputs, from eager torch wrappers (for :meth:`CalibrationSet.feeds`)."""
-    from hartkit.export.graphs import run_graph
+    from hartkit.model.graphs import run_graph
 
     def make(graph):
         names = spec_inputs[graph]

@@ -109,7 +109,7 @@ def compress(mlmodel, consts: Mapping[str, str], scheme_of) -> tuple[object, dic
     """Apply the plan's schemes to the named consts; -> (new model, const -> scheme label)."""
     import coremltools.optimize.coreml as cto
 
-    from hartkit.export.coreml_export import _quiet
+    from hartkit.export.mil_check import quiet_coremltools
 
     linear, palette, applied = {}, {}, {}
     for const, layer in consts.items():
@@ -119,7 +119,7 @@ def compress(mlmodel, consts: Mapping[str, str], scheme_of) -> tuple[object, dic
             continue
         (palette if s.name.startswith("palettize") else linear)[const] = cfg
         applied[const] = s.label
-    with _quiet():
+    with quiet_coremltools():
         if linear:
             mlmodel = cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=linear))
         if palette:
@@ -131,7 +131,7 @@ def export_coreml_quantized(qx, specs, modules, folder: Path, say, converted: di
                             target: str | None = None) -> dict[str, str]:
     """``converted``: (graph, target) -> uncompressed converted model, reused across calls if given;
     ``target``: the deployment target (default: iOS18 if the plan has int4, else the exporter's)."""
-    from hartkit.export.coreml_export import COREML_DIR, MINIMUM_TARGET, _export_multifunction, _save, convert_graph
+    from hartkit.export.coreml_export import COREML_DIR, MINIMUM_TARGET, convert_graph, export_multifunction, save_package
 
     plan = qx.plans["coreml"]
     target = target or ("iOS18" if needs_ios18(plan) else MINIMUM_TARGET)
@@ -164,10 +164,10 @@ def export_coreml_quantized(qx, specs, modules, folder: Path, say, converted: di
         mlmodel, applied = compress(mlmodel, consts, plan.scheme_of)
         qx.coreml_consts[spec.name] = {c: consts[c] for c in applied}
         rel = f"{COREML_DIR}/{spec.name}.mlpackage"
-        _save(mlmodel, folder / rel)
+        save_package(mlmodel, folder / rel)
         files[spec.name] = rel
         timings[spec.name] = round(time.perf_counter() - start, 2)
-    _export_multifunction(specs, files, folder, say, timings)
+    export_multifunction(specs, files, folder, say, timings)
     return files
 
 
@@ -177,9 +177,9 @@ def _decompressed(path: Path, work: Path):
     import coremltools.optimize.coreml as cto
 
     from hartkit.export import mil_check
-    from hartkit.export.coreml_export import _quiet
+    from hartkit.export.mil_check import quiet_coremltools
 
-    with _quiet():
+    with quiet_coremltools():
         model = ct.models.MLModel(str(path), skip_model_load=True)
         dense = cto.decompress_weights(model)
         dst = work / path.name
@@ -191,7 +191,7 @@ def check_coreml_quantized(qx, folder: Path, info: dict, recorded, output_names,
     """-> (parity rows, per-graph report, notes). See the module docstring for what is checked."""
     from hartkit.export import mil_check
     from hartkit.export.coreml_export import FP16_ATOL, FP16_MIN_SNR_DB, FP16_RTOL
-    from hartkit.export.graphs import run_graph
+    from hartkit.model.graphs import run_graph
 
     real = qx.realization("coreml")
     plan = qx.plans["coreml"]

@@ -466,7 +466,7 @@ def resolve(recipe: Recipe, layers: LayerTable, fmt: str) -> Plan:
             source, requested = "component", components[layer.component]
         else:
             source, requested = "default", default
-        scheme, reason = _fit(layer, requested, fmt)
+        scheme, reason = fit_scheme(layer, requested, fmt)
         if scheme.algorithm != "rtn" and layer.kind != "linear":
             scheme, reason = Scheme(scheme.name, scheme.group_size), (f"{scheme.algorithm} applies to linear layers "
                                                                      f"(it weighs the layer's inputs); {layer.kind} "
@@ -475,7 +475,7 @@ def resolve(recipe: Recipe, layers: LayerTable, fmt: str) -> Plan:
     return Plan(recipe, fmt, out, dict(layers.other))
 
 
-def _fit(layer: Layer, scheme: Scheme, fmt: str) -> tuple[Scheme, str]:
+def fit_scheme(layer: Layer, scheme: Scheme, fmt: str) -> tuple[Scheme, str]:
     """The scheme a layer actually gets, and why it differs from the requested one."""
     c = SUPPORT[(scheme.name, fmt)] if (scheme.name, fmt) in SUPPORT else None
     if c is None or layer.kind not in c.kinds:

@@ -40,7 +40,7 @@ from hartkit.loop.metrics import kl_divergence, nmse
 from hartkit.quantize import fakequant as fq
 from hartkit.quantize.calibration import CalibrationSet
 from hartkit.quantize.layers import LayerTable, discover, layer_modules
-from hartkit.quantize.recipe import Recipe, _fit
+from hartkit.quantize.recipe import Recipe, fit_scheme
 from hartkit.quantize.schemes import COMPONENTS, FORMATS, SUPPORT, Scheme, refusal, unknown
 from hartkit.quantize.sizes import MB, layer_bytes, weight_bytes
 
@@ -93,7 +93,7 @@ class Quantizer:
         self.active: dict[str, int] = {}  # graph -> number of quantized layers in it right now
 
     def effective(self, name: str, scheme: Scheme) -> Scheme:
-        return _fit(self.layers[name], scheme, self.fmt)[0]
+        return fit_scheme(self.layers[name], scheme, self.fmt)[0]
 
     @contextmanager
     def applied(self, schemes: Mapping[str, Scheme]) -> Iterator[None]:
@@ -166,7 +166,7 @@ class Evaluator:
 
     def __init__(self, model, encoder, system_length: int, calib: CalibrationSet, quantizer: Quantizer,
                  max_calls: int = 4) -> None:
-        from hartkit.export.graphs import hart_graph_specs
+        from hartkit.model.graphs import hart_graph_specs
 
         self.q = quantizer
         specs = hart_graph_specs(model, encoder, system_length)
@@ -338,7 +338,7 @@ def analyze(model, encoder, system_length: int, calib: CalibrationSet, *, compon
             low: Scheme | str = "int4", high: Scheme | str = "int8", fmt: str = "onnx", granularity: str = "layer",
             max_calls: int = 4, progress: Callable[[str], None] | None = None) -> tuple[SensitivityReport, "Evaluator"]:
     """Rank units by the error their quantization alone causes (see the module docstring)."""
-    from hartkit.export.graphs import hart_graph_specs
+    from hartkit.model.graphs import hart_graph_specs
 
     low, high = Scheme.parse(low, "low scheme"), Scheme.parse(high, "high scheme")
     _check_schemes(fmt, low, high)

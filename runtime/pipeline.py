@@ -70,7 +70,7 @@ class Pipeline:
     def from_exported(cls, export_dir: str | Path, backend: str = "onnxruntime",
                       graph_backends: Mapping[str, str] | None = None) -> "Pipeline":
         """Load an export folder written by ``hartkit export``; ``graph_backends`` overrides per graph."""
-        from hartkit.runtime.backends import open_backend
+        from hartkit.backends import open_backend
 
         export_dir = Path(export_dir)
         manifest = read_manifest(export_dir)
@@ -108,7 +108,7 @@ class Pipeline:
 
         ``resolution``: the same weights on fewer scales (``load_hart``), as ``hartkit export --resolution``.
         """
-        from hartkit.export.torch_runner import TorchBackend  # runtime -> export: the torch reference's graphs
+        from hartkit.model.torch_runner import TorchBackend  # the torch reference: the eager graphs (needs torch)
 
         backend, info = TorchBackend.from_checkpoint(checkpoint, text_model, resolution=resolution)
         return cls(LoopInfo.from_dict(info["loop"]), backend, backend.tokenizer, backend.codebook)

@@ -86,7 +86,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_system_length(tiny_model, tiny_text_encoder) -> int:
     """The system-prompt length S the tiny preset's graphs are built for."""
-    from hartkit.export.torch_runner import system_length_of
+    from hartkit.model.torch_runner import system_length_of
 
     return system_length_of(tiny_text_encoder.tokenizer, tiny_model.cfg.context_token)
 
@@ -102,7 +102,7 @@ class TinyGraphs(NamedTuple):
 @pytest.fixture(scope="module")
 def tiny_graphs(tiny_model, tiny_text_encoder, tiny_system_length) -> TinyGraphs:
     """Every graph of the tiny preset, built afresh for each test file (quantizing may change modules)."""
-    from hartkit.export.graphs import hart_graph_specs
+    from hartkit.model.graphs import hart_graph_specs
 
     specs = hart_graph_specs(tiny_model, tiny_text_encoder, tiny_system_length)
     return TinyGraphs(tiny_system_length, specs, {s.name: s for s in specs},

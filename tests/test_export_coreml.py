@@ -52,8 +52,8 @@ def _snr(ref: np.ndarray, got: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def graphs(tiny_model, tiny_text_encoder):
     """The specs and torch modules of every tiny graph."""
-    from hartkit.export.graphs import hart_graph_specs
-    from hartkit.export.torch_runner import system_length_of
+    from hartkit.model.graphs import hart_graph_specs
+    from hartkit.model.torch_runner import system_length_of
 
     S = system_length_of(tiny_text_encoder.tokenizer, tiny_model.cfg.context_token)
     specs = hart_graph_specs(tiny_model, tiny_text_encoder, S)
@@ -64,8 +64,9 @@ def graphs(tiny_model, tiny_text_encoder):
 def recorded(tiny_model, tiny_text_encoder):
     """Real inputs of every graph, recorded from one run of the reference loop on torch."""
     from hartkit.export.exporter import RecordingBackend
-    from hartkit.bundle import LoopInfo, loop_info
-    from hartkit.export.torch_runner import TorchBackend, system_length_of
+    from hartkit.bundle import LoopInfo
+    from hartkit.model.graphs import loop_info
+    from hartkit.model.torch_runner import TorchBackend, system_length_of
     from hartkit.runtime.pipeline import Pipeline
 
     S = system_length_of(tiny_text_encoder.tokenizer, tiny_model.cfg.context_token)
@@ -135,7 +136,7 @@ def test_every_graph_converts_and_its_interface_matches_the_spec(coreml_export, 
 def test_mil_recomputation_agrees_with_torch_on_recorded_inputs(coreml_export, graphs, recorded):
     """The test's own re-run: package on disk -> MIL interpreter vs the torch module (not the exporter's numbers)."""
     from hartkit.export import mil_check
-    from hartkit.export.graphs import run_graph
+    from hartkit.model.graphs import run_graph
 
     out, _, info = coreml_export
     specs, modules = graphs
@@ -268,7 +269,7 @@ def test_coreml_backend_refuses_off_macos_without_importing_torch(coreml_export)
         "import sys; sys.modules['torch'] = None\n"  # any torch import would raise ImportError
         "from pathlib import Path\n"
         "from hartkit.errors import HartkitError\n"
-        "from hartkit.runtime.coreml_backend import CoreMLBackend\n"
+        "from hartkit.backends.coreml import CoreMLBackend\n"
         "from hartkit.bundle import read_manifest\n"
         f"p = Path({str(out)!r})\n"
         "try:\n"
@@ -282,7 +283,7 @@ def test_coreml_backend_refuses_off_macos_without_importing_torch(coreml_export)
     assert "REFUSED: Core ML predictions need macOS" in msg
     assert "onnxruntime" in msg and "executorch" in msg and "MIL check" in msg
     # and through the public backend factory
-    from hartkit.runtime.backends import open_backend
+    from hartkit.backends import open_backend
 
     with pytest.raises(HartkitError, match="Core ML predictions need macOS"):
         open_backend(out, coreml_export[2], "coreml", {})
@@ -296,8 +297,8 @@ def test_coreml_backend_plumbing_with_the_mil_interpreter_standing_in_for_core_m
     import types
 
     from hartkit.export import mil_check
-    from hartkit.export.graphs import run_graph
-    from hartkit.runtime import coreml_backend
+    from hartkit.model.graphs import run_graph
+    from hartkit.backends import coreml as coreml_backend
 
     out, _, info = coreml_export
     specs, modules = graphs
@@ -342,8 +343,8 @@ def test_coreml_backend_plumbing_with_the_mil_interpreter_standing_in_for_core_m
 def test_coreml_runtime_matches_the_reference_on_macos(coreml_export, graphs, recorded):
     import platform
 
-    from hartkit.export.graphs import run_graph
-    from hartkit.runtime.coreml_backend import CoreMLBackend
+    from hartkit.model.graphs import run_graph
+    from hartkit.backends.coreml import CoreMLBackend
 
     out, _, info = coreml_export
     specs, modules = graphs

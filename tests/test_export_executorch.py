@@ -124,8 +124,8 @@ def test_runtime_on_executorch_matches_the_reference_sampler(et_pipe, tiny_model
 
 def test_mixed_backends_route_per_graph(et_export, et_pipe, tiny_checkpoint):
     """AR graphs on ExecuTorch, the VAE decoder on eager torch: routing by graph, same image."""
-    from hartkit.export.torch_runner import TorchBackend
-    from hartkit.runtime.backends import MixedBackend
+    from hartkit.model.torch_runner import TorchBackend
+    from hartkit.backends import MixedBackend
 
     torch_backend, _ = TorchBackend.from_checkpoint(tiny_checkpoint)
     calls: list[str] = []
@@ -150,7 +150,7 @@ def test_parity_releases_each_program_once_its_graphs_are_checked(et_export):
     """check_backend drops what the pending graphs do not need (a 0.7B export's parity then never
     holds the 6 GB text encoder beside the AR transformer); a released graph reloads on demand."""
     from hartkit.export.parity import check_backend
-    from hartkit.runtime.executorch_backend import ExecuTorchBackend
+    from hartkit.backends.executorch import ExecuTorchBackend
 
     out, _, _ = et_export
     info = json.loads((out / "manifest.json").read_text())
@@ -182,7 +182,7 @@ def test_parity_releases_each_program_once_its_graphs_are_checked(et_export):
 
 
 def test_missing_method_file_and_bad_inputs_are_named(et_export, tmp_path):
-    from hartkit.runtime.executorch_backend import ExecuTorchBackend
+    from hartkit.backends.executorch import ExecuTorchBackend
 
     out, _, _ = et_export
     info = read_manifest(out)
@@ -224,7 +224,7 @@ def test_backend_module_imports_without_torch(et_export, without_torch):
     out, _, _ = et_export
     code = f"""
 from hartkit.errors import MissingDependencyError
-from hartkit.runtime.executorch_backend import ExecuTorchBackend
+from hartkit.backends.executorch import ExecuTorchBackend
 from hartkit.bundle import read_manifest
 try:
     ExecuTorchBackend({str(out)!r}, read_manifest(__import__("pathlib").Path({str(out)!r})))
@@ -240,7 +240,7 @@ assert "torch" not in sys.modules
 def test_fallback_grouping_when_one_program_fails(tiny_model, tmp_path, monkeypatch):
     """If lowering everything into one program fails, graphs go one program per weight group."""
     import hartkit.export.executorch_export as ete
-    from hartkit.export.graphs import hart_graph_specs
+    from hartkit.model.graphs import hart_graph_specs
 
     chosen = ("condition", "ar_head", "diffusion_cond_embed")  # three small graphs, two weight groups
     specs = [s for s in hart_graph_specs(tiny_model) if s.name in chosen]
@@ -268,7 +268,7 @@ def test_big_models_are_lowered_per_weight_group_and_streamed(tiny_model, tmp_pa
     """Past ONE_PROGRAM_MAX_WEIGHT_BYTES the single-program attempt is skipped (it would hold a second
     copy of every weight): one program per weight group, each written before the next is lowered."""
     import hartkit.export.executorch_export as ete
-    from hartkit.export.graphs import hart_graph_specs
+    from hartkit.model.graphs import hart_graph_specs
 
     chosen = ("condition", "ar_head", "diffusion_cond_embed")
     specs = [s for s in hart_graph_specs(tiny_model) if s.name in chosen]
@@ -299,7 +299,7 @@ def test_qkv_bias_folding_survives_copies_and_is_undone(tiny_model):
 
     import torch
 
-    from hartkit.export.executorch_export import fold_qkv_bias, unfold_qkv_bias
+    from hartkit.model.qkv_bias import fold_qkv_bias, unfold_qkv_bias
 
     tr = copy.deepcopy(tiny_model.transformer)
     attn = next(m for m in tr.modules() if hasattr(m, "q_bias"))

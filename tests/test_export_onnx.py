@@ -181,7 +181,7 @@ def test_image_bar_is_a_fraction_of_an_8bit_step_and_only_for_the_image():
 def test_onnxruntime_runs_stage0_on_the_stage_graph_with_an_empty_past(onnx_bundle, monkeypatch):
     """One session holds the AR weights (each session prepacks its own copy): stage 0 runs on ar_stage
     with a zero-length past, bit-exact with ar_context; sessions keep no arena between runs."""
-    from hartkit.runtime import backends
+    import hartkit.backends as backends
 
     bundle, _ = onnx_bundle
     pipe = Pipeline.from_bundle(bundle, backend="onnxruntime")

@@ -128,7 +128,7 @@ def test_graph_file_paths_are_confined(bundle, value):
 
 def test_backends_refuse_paths_outside_even_without_a_manifest_check(bundle, tmp_path):
     """The backends join paths with bundle_path themselves: an info dict that skipped parse_manifest."""
-    from hartkit.runtime.backends import OnnxRuntimeBackend
+    from hartkit.backends import OnnxRuntimeBackend
 
     outside = tmp_path / "outside.onnx"
     shutil.copy(bundle / "onnx" / "ar_head.onnx", outside)

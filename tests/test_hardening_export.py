@@ -649,7 +649,7 @@ def test_executorchs_native_cpuinfo_lines_are_dropped_and_other_native_lines_kep
     the backend drops exactly those lines and writes every other line back."""
     code = """
 import os, sys
-from hartkit.runtime.executorch_backend import CPUINFO_NOISE, _without_native_lines
+from hartkit.backends.executorch import CPUINFO_NOISE, _without_native_lines
 with _without_native_lines(CPUINFO_NOISE):
     os.write(2, b"[cpuinfo_utils.cpp:87] Failed to open midr file /sys/devices/soc0/image_version\\n")
     os.write(2, b"a real native error\\n")

@@ -72,7 +72,7 @@ def test_the_ar_transformer_weights_are_stored_once(onnx_bundle, tiny_model):
 
 
 def test_every_graph_loads_from_a_moved_copy_and_replays_its_golden_vectors(onnx_bundle, tmp_path):
-    from hartkit.runtime.backends import OnnxRuntimeBackend
+    from hartkit.backends import OnnxRuntimeBackend
     from hartkit.bundle import VerifyReport, read_manifest, verify_golden
 
     out, _ = onnx_bundle

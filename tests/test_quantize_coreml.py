@@ -34,7 +34,7 @@ def _package_bytes(path):
 
 @pytest.fixture(scope="module")
 def coreml(tiny_model, tiny_text_encoder, tiny_graphs, tmp_path_factory):
-    from hartkit.export.graphs import run_graph
+    from hartkit.model.graphs import run_graph
     from hartkit.quantize.apply import QuantizedExport
     from hartkit.quantize.calibration import record
     from hartkit.quantize.coreml_quant import check_coreml_quantized, export_coreml_quantized

@@ -30,10 +30,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (conft
 @pytest.fixture(scope="module")
 def et(tiny_model, tiny_text_encoder, tiny_graphs, tmp_path_factory):
     from hartkit.export.executorch_export import export_executorch
-    from hartkit.export.graphs import run_graph
+    from hartkit.model.graphs import run_graph
     from hartkit.quantize.apply import QuantizedExport, check_quantized
     from hartkit.quantize.calibration import record, replay_fns
-    from hartkit.runtime.executorch_backend import ExecuTorchBackend
+    from hartkit.backends.executorch import ExecuTorchBackend
 
     S, specs, byname, modules, inputs = tiny_graphs
     calib = record(tiny_model, tiny_text_encoder, S, ["a red circle above a blue square", "a cat"])

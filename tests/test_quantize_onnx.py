@@ -58,7 +58,7 @@ def base(tiny_model, tiny_text_encoder, tiny_graphs, tmp_path_factory):
 def _quantize_cell(base, model, encoder, component, scheme):
     import onnxruntime as ort
 
-    from hartkit.export.graphs import run_graph
+    from hartkit.model.graphs import run_graph
     from hartkit.quantize.apply import graph_bar, realize
     from hartkit.quantize.calibration import activation_ranges, replay_fns
     from hartkit.quantize.layers import layer_modules
@@ -226,12 +226,13 @@ def test_a_quantized_bundle_verifies_against_its_own_quantized_goldens(phone_exp
 
 def test_runtime_on_the_phone_export_samples_like_the_eager_quantized_graphs(phone_export, tiny_model,
                                                                                tiny_text_encoder):
-    from hartkit.export.graphs import hart_graph_specs
-    from hartkit.bundle import LoopInfo, loop_info
+    from hartkit.model.graphs import hart_graph_specs
+    from hartkit.bundle import LoopInfo
+    from hartkit.model.graphs import loop_info
     from hartkit.quantize.apply import realize
     from hartkit.quantize.layers import discover
     from hartkit.quantize.recipe import Recipe, resolve
-    from hartkit.export.torch_runner import TorchBackend
+    from hartkit.model.torch_runner import TorchBackend
     from hartkit.runtime.pipeline import Pipeline
 
     out, _ = phone_export
@@ -255,7 +256,7 @@ def test_graphs_past_the_protobuf_limit_keep_their_weights_beside_them(base, tin
     """The >2 GB path (external data), forced on a tiny graph with a mix of static, dynamic and int4."""
     import onnxruntime as ort
 
-    from hartkit.export.graphs import run_graph
+    from hartkit.model.graphs import run_graph
     from hartkit.quantize import onnx_quant
     from hartkit.quantize.apply import realize
     from hartkit.quantize.calibration import activation_ranges, replay_fns

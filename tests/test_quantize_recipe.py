@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (conft
 
 @pytest.fixture(scope="module")
 def tiny_layers(tiny_model, tiny_text_encoder, tiny_system_length):
-    from hartkit.export.graphs import hart_graph_specs
+    from hartkit.model.graphs import hart_graph_specs
     from hartkit.quantize.layers import discover
 
     return discover(tiny_model, tiny_text_encoder, hart_graph_specs(tiny_model, tiny_text_encoder, tiny_system_length))

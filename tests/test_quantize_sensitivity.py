@@ -26,10 +26,11 @@ def setup(tiny_model, tiny_text_encoder, tiny_system_length, tmp_path_factory):
 
 
 def test_calibration_round_trips_compactly_and_rebuilds_the_cache(setup, tiny_model, tiny_text_encoder):
-    from hartkit.export.graphs import hart_graph_specs
+    from hartkit.model.graphs import hart_graph_specs
     from hartkit.quantize.calibration import replay_fns
-    from hartkit.export.torch_runner import TorchBackend
-    from hartkit.bundle import LoopInfo, loop_info
+    from hartkit.model.torch_runner import TorchBackend
+    from hartkit.bundle import LoopInfo
+    from hartkit.model.graphs import loop_info
     from hartkit.runtime.pipeline import Pipeline
 
     calib, loaded, S = setup["calib"], setup["loaded"], setup["S"]
@@ -96,7 +97,7 @@ def test_ranking_measures_each_layer_alone(analysis):
 
 def test_mixed_recipe_respects_the_budget_and_keeps_the_most_sensitive(analysis, tiny_model, tiny_text_encoder, setup,
                                                                       tmp_path):
-    from hartkit.export.graphs import hart_graph_specs
+    from hartkit.model.graphs import hart_graph_specs
     from hartkit.quantize import sensitivity as sv
     from hartkit.quantize.layers import discover
     from hartkit.quantize.recipe import resolve

@@ -477,7 +477,7 @@ def test_attention_in_head_groups_equals_one_call_and_is_chosen_by_memory():
     be large (ONNX Runtime / XNNPACK materialise them); the result is the same."""
     import dataclasses
 
-    from hartkit.export.graphs import limit_attention_memory
+    from hartkit.model.graphs import limit_attention_memory
     from hartkit.model.checkpoint import build_hart
     from hartkit.model.presets import get_preset
 

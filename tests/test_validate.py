@@ -73,7 +73,7 @@ def reference_runs(tiny_checkpoint):
 def validation(onnx_bundle, broken_bundle, reference_runs):
     # Stage 0 on ar_context (onnxruntime otherwise runs it on ar_stage with an empty past), so that
     # the broken ar_stage first acts at stage 1 and the stage the report names is known in advance.
-    from hartkit.runtime.backends import OnnxRuntimeBackend
+    from hartkit.backends import OnnxRuntimeBackend
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(OnnxRuntimeBackend, "context_on_stage_graph", False)

@@ -518,7 +518,7 @@ def open_candidates(bundles: Sequence[str | Path], refs: References, backend: st
     """One candidate per (bundle, format): every format of each bundle whose backend runs on this
     machine (a format that cannot run here is a *skipped* row), or only ``backend``'s format when
     given (then a bundle without it, or a backend that cannot start, is an error)."""
-    from hartkit.runtime.backends import BACKEND_FORMAT
+    from hartkit.backends import BACKEND_FORMAT
     from hartkit.bundle import BundleError, read_manifest, verify_bundle
 
     out: list[Candidate] = []

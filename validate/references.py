@@ -1,7 +1,7 @@
 """The references a bundle is validated against: eager torch on the same checkpoint, fp32 and fp16.
 
-Both run the *same graph cut* as the bundle (:class:`~hartkit.export.torch_runner.TorchBackend` drives
-the wrappers of :mod:`hartkit.export.graphs`) inside the same host loop (:class:`Pipeline`), so every
+Both run the *same graph cut* as the bundle (:class:`~hartkit.model.torch_runner.TorchBackend` drives
+the wrappers of :mod:`hartkit.model.graphs`) inside the same host loop (:class:`Pipeline`), so every
 stage, graph input and RNG draw lines up one to one with the candidate's.
 
 fp16 is what upstream ships: ``sample.py`` runs the whole model under
@@ -64,7 +64,7 @@ class References:
     def __init__(self, checkpoint: str | Path, text_model: str | Path | None = None) -> None:
         from hartkit.model.checkpoint import load_hart
         from hartkit.model.text_encoder import TextEncoder
-        from hartkit.export.torch_runner import TorchBackend, system_length_of
+        from hartkit.model.torch_runner import TorchBackend, system_length_of
 
         from hartkit.model.hub import resolve_checkpoint
 

@@ -1,30 +1,16 @@
-"""Backends run one exported graph by name: ``run(graph, {input: array}) -> [outputs in declared order]``.
-
-``open_backend`` picks one per graph (a default plus per-graph overrides, e.g. the AR stages on
-ExecuTorch and the VAE on onnxruntime). Each backend imports its library lazily, so this module —
-and with it ``hartkit.runtime`` — imports without torch.
-"""
+"""The ``onnxruntime`` backend: runs a bundle's ONNX graphs, one InferenceSession per graph, on the CPU."""
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping
 
 import numpy as np
 
-from hartkit.bundle import bundle_path, past_shape
-from hartkit.errors import HartkitError, MissingDependencyError, UsageError
-
-BACKENDS = ("onnxruntime", "executorch", "coreml", "torch")
-# Which export format each backend reads.
-BACKEND_FORMAT = {"onnxruntime": "onnx", "executorch": "executorch", "coreml": "coreml", "torch": "torch"}
-
-
-class Backend(Protocol):
-    name: str
-
-    def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]: ...
+from hartkit.errors import HartkitError, MissingDependencyError
+from hartkit.fsutil import confined_path
+from hartkit.loop.plan import past_shape
 
 
 def _graph_io(info: dict) -> dict[str, tuple[list[str], list[str]]]:
@@ -40,6 +26,8 @@ def _ordered(graph: str, names: list[str], feeds: Mapping[str, np.ndarray]) -> l
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    format = "onnx"  # the manifest's ``files`` section this backend reads
+    serves_generation = True  # takes ``generation=``: see context_on_stage_graph
     # In a generation (``generation=True``), stage 0 runs on the ar_stage graph with an empty past
     # (bit-exact with ar_context: full attention over no cached keys), so one session holds the AR
     # weights: each InferenceSession prepacks its own copy of them (+0.45 GB int8, +2.9 GB fp32 at
@@ -59,7 +47,7 @@ class OnnxRuntimeBackend:
             raise MissingDependencyError("backend 'onnxruntime' needs the onnxruntime package: pip install 'hartkit[onnx]'") from exc
         self._ort = ort
         self._dir = export_dir
-        self._files = info.get("files", {}).get("onnx", {})
+        self._files = info.get("files", {}).get(self.format, {})
         self._io = _graph_io(info)
         self._sessions: dict[str, Any] = {}
         self._threads = threads
@@ -70,7 +58,7 @@ class OnnxRuntimeBackend:
         if graph not in self._sessions:
             if graph not in self._files:
                 raise HartkitError(f"{self._dir}: no ONNX file for graph '{graph}' (export with --format onnx)")
-            path = bundle_path(self._dir, self._files[graph], f"ONNX file of graph '{graph}'")
+            path = confined_path(self._dir, self._files[graph], f"ONNX file of graph '{graph}'")
             if not path.is_file():
                 raise HartkitError(f"{path}: ONNX file of graph '{graph}' is missing")
             opts = self._ort.SessionOptions()
@@ -106,54 +94,3 @@ def _ort_errors(what: str):
             raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise HartkitError(f"{what}: {first[:300]}") from None
-
-
-class MixedBackend:
-    """Routes each graph to its backend."""
-
-    def __init__(self, default: Backend, overrides: Mapping[str, Backend]) -> None:
-        self.default = default
-        self.overrides = dict(overrides)
-        self.name = default.name if not overrides else "mixed"
-
-    def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return self.overrides.get(graph, self.default).run(graph, feeds)
-
-    def backend_for(self, graph: str) -> Backend:
-        return self.overrides.get(graph, self.default)
-
-
-def _make(name: str, export_dir: Path, info: dict, generation: bool) -> Backend:
-    if name == "onnxruntime":
-        return OnnxRuntimeBackend(export_dir, info, generation=generation)
-    if name == "executorch":
-        from hartkit.runtime.executorch_backend import ExecuTorchBackend
-
-        return ExecuTorchBackend(export_dir, info)
-    if name == "coreml":
-        from hartkit.runtime.coreml_backend import CoreMLBackend
-
-        return CoreMLBackend(export_dir, info)
-    if name == "torch":
-        raise UsageError("the torch backend runs from a checkpoint: Pipeline.from_checkpoint(...) "
-                         "or `hartkit generate --checkpoint DIR`")
-    raise UsageError(f"unknown backend {name!r}; choose one of {list(BACKENDS)}")
-
-
-def open_backend(export_dir: Path, info: dict, backend: str, graph_backends: Mapping[str, str],
-                 generation: bool = False) -> Backend:
-    """The backend per graph. ``generation``: for the sampling loop (a backend may then serve one graph
-    through another, e.g. onnxruntime's stage 0 on ar_stage); without it every graph runs its own file."""
-    known = {g["name"] for g in info["graphs"]}
-    bad = sorted(set(graph_backends) - known)
-    if bad:
-        raise UsageError(f"per-graph backend given for unknown graphs {bad}; graphs are {sorted(known)}")
-    cache: dict[str, Backend] = {}
-
-    def get(name: str) -> Backend:
-        if name not in cache:
-            cache[name] = _make(name, export_dir, info, generation)
-        return cache[name]
-
-    default = get(backend)
-    return MixedBackend(default, {g: get(b) for g, b in graph_backends.items()})

@@ -2,7 +2,7 @@
 
 Core ML predictions exist only on macOS; elsewhere construction fails with a message that says so
 and what to use instead (the export's MIL check verifies the packages on Linux, see
-:mod:`hartkit.export.mil_check`). No torch and no coremltools at import: coremltools is imported when
+the Core ML export target). No torch and no coremltools at import: coremltools is imported when
 the backend is built, on macOS.
 """
 
@@ -16,11 +16,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from hartkit.bundle import bundle_path
 from hartkit.errors import HartkitError, MissingDependencyError, UsageError
+from hartkit.fsutil import confined_path
 
 COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
-MULTIFUNCTION_INFO = "coreml/multifunction.json"  # written by hartkit.export.coreml_export
+MULTIFUNCTION_INFO = "coreml/multifunction.json"  # written by the Core ML export target
 
 
 def _platform() -> str:
@@ -35,6 +35,7 @@ class CoreMLBackend:
     """
 
     name = "coreml"
+    format = "coreml"  # the manifest's ``files`` section this backend reads
 
     def __init__(self, export_dir: str | Path, info: Mapping[str, Any], compute_units: str = "ALL",
                  multifunction: bool = False) -> None:
@@ -42,7 +43,7 @@ class CoreMLBackend:
             raise HartkitError(
                 f"Core ML predictions need macOS; this is {_platform()}; use the onnxruntime or executorch "
                 "backend, or verify the Core ML packages with hartkit's MIL check "
-                "(hartkit.export.coreml_export.verify_coreml, which `hartkit export --format coreml` runs)")
+                "(which `hartkit export --format coreml` runs)")
         if compute_units not in COMPUTE_UNITS:
             raise UsageError(f"compute_units {compute_units!r}: choose one of {list(COMPUTE_UNITS)}")
         try:
@@ -51,13 +52,13 @@ class CoreMLBackend:
             raise MissingDependencyError("backend 'coreml' needs coremltools: pip install 'hartkit[coreml]'") from exc
         self._ct = ct
         self._dir = Path(export_dir)
-        self._files: dict[str, str] = dict(info.get("files", {}).get("coreml", {}))
+        self._files: dict[str, str] = dict(info.get("files", {}).get(self.format, {}))
         self._io = {g["name"]: ([i["name"] for i in g["inputs"]], [o["name"] for o in g["outputs"]])
                     for g in info["graphs"]}
         self._units = getattr(ct.ComputeUnit, compute_units)
         self._functions: dict[str, str] = {}  # graph -> multifunction package (relative)
         if multifunction:
-            mf = bundle_path(self._dir, MULTIFUNCTION_INFO, "Core ML multifunction index")
+            mf = confined_path(self._dir, MULTIFUNCTION_INFO, "Core ML multifunction index")
             if not mf.is_file():
                 raise HartkitError(f"{mf}: missing; this export has no iOS18 multifunction packages")
             mac = tuple(int(p) for p in (platform.mac_ver()[0] or "0").split(".")[:1])
@@ -72,10 +73,10 @@ class CoreMLBackend:
         if graph in self._models:
             return self._models[graph]
         if graph in self._functions:
-            path = bundle_path(self._dir, self._functions[graph], f"Core ML package of graph '{graph}'")
+            path = confined_path(self._dir, self._functions[graph], f"Core ML package of graph '{graph}'")
             kwargs = {"function_name": graph}
         elif graph in self._files:
-            path = bundle_path(self._dir, self._files[graph], f"Core ML package of graph '{graph}'")
+            path = confined_path(self._dir, self._files[graph], f"Core ML package of graph '{graph}'")
             kwargs = {}
         else:
             raise HartkitError(f"{self._dir}: no Core ML package for graph '{graph}' (export with --format coreml)")

@@ -1,4 +1,4 @@
-"""The eager torch graph runner: the :mod:`hartkit.export.graphs` wrappers run by name, like a runtime backend.
+"""The eager torch graph runner: the :mod:`hartkit.model.graphs` wrappers run by name, like an exported graph's backend.
 
 ``run(graph, feeds) -> [outputs in declared order]`` over torch modules, so the one sampling loop
 (:mod:`hartkit.loop.sampler`) drives the fp32 reference, the export's recording and calibration the
@@ -7,17 +7,15 @@ same way it drives an exported bundle. Needs torch.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from hartkit.bundle import build_export_info
 from hartkit.errors import HartkitError
 
 
 class TorchBackend:
-    """Runs the graph wrappers of :mod:`hartkit.export.graphs` eagerly (reference and debugging)."""
+    """Runs the graph wrappers of :mod:`hartkit.model.graphs` eagerly (reference and debugging)."""
 
     name = "torch"
 
@@ -29,11 +27,12 @@ class TorchBackend:
 
     @classmethod
     def from_model(cls, model, text_encoder, system_length: int) -> tuple["TorchBackend", dict]:
-        from hartkit.export.graphs import hart_graph_specs
+        """-> the backend and ``{"loop": ..., "graphs": [...]}``: those two sections as a manifest holds them."""
+        from hartkit.model.graphs import hart_graph_specs, loop_info
 
         specs = hart_graph_specs(model, text_encoder, system_length)
-        info = build_export_info(model, system_length, specs)
-        io = {g["name"]: ([i["name"] for i in g["inputs"]], [o["name"] for o in g["outputs"]]) for g in info["graphs"]}
+        info = {"loop": loop_info(model, system_length), "graphs": [s.to_json() for s in specs]}
+        io = {s.name: ([i.name for i in s.inputs], [o.name for o in s.outputs]) for s in specs}
         backend = cls({s.name: s.build().eval() for s in specs}, io)
         backend.tokenizer = text_encoder.tokenizer
         backend.codebook = model.vae.quantize.embedding.weight.detach().float().numpy().copy()
@@ -52,7 +51,7 @@ class TorchBackend:
         return cls.from_model(model, encoder, system_length_of(encoder.tokenizer, model.cfg.context_token))
 
     def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        from hartkit.export.graphs import run_graph
+        from hartkit.model.graphs import run_graph
 
         if graph not in self.modules:
             raise HartkitError(f"torch backend: unknown graph '{graph}'")

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hartkit.loop.plan import kv_cache_len
+from hartkit.loop.plan import LoopInfo, kv_cache_len
 from hartkit.loop.resample import area_matrix, bicubic_matrix
 from hartkit.model.checkpoint import HART
 
@@ -358,6 +358,18 @@ def hart_graph_specs(model: HART, text_encoder: nn.Module | None = None, system_
     return specs
 
 
+def dynamic_shapes(spec: GraphSpec) -> tuple | None:
+    """``torch.export`` dynamic shapes of a graph's inputs, from its bounded :class:`Dim` s."""
+    dims = {name: torch.export.Dim(name, min=d.min, max=d.max) for name, d in spec.dims.items()}
+    if not dims:
+        return None
+    out = []
+    for inp in spec.inputs:
+        axes = {i: dims[d.name] for i, d in enumerate(inp.shape) if not isinstance(d, int)}
+        out.append(axes or None)
+    return tuple(out)
+
+
 def specs_by_name(specs: Sequence[GraphSpec]) -> dict[str, GraphSpec]:
     return {s.name: s for s in specs}
 
@@ -369,3 +381,21 @@ def run_graph(module: nn.Module, inputs: Sequence[np.ndarray]) -> list[np.ndarra
     if isinstance(out, Tensor):
         out = (out,)
     return [o.detach().cpu().numpy() for o in out]
+
+
+def loop_info(model: HART, system_length: int) -> dict:
+    """The manifest's ``loop`` section: what the torch-free host loop needs, plus the image size."""
+    cfg = model.cfg
+    loop = LoopInfo(
+        patch_nums=tuple(cfg.patch_nums),
+        context_token=cfg.context_token,
+        vocab_size=model.vocab_size,
+        latent_dim=model.latent_dim,
+        head_dim=cfg.head_dim,
+        attn_type=cfg.attn_type,
+        num_phis=int(model.vae.num_phis),
+        num_sampling_steps=str(cfg.num_sampling_steps),
+        system_length=int(system_length),
+        default_cfg=float(model.default_cfg),  # the checkpoint's recommended guidance (else HART's 4.5)
+    )
+    return {**loop.to_dict(), "image_size": cfg.patch_nums[-1] * model.vae_cfg.downsample}

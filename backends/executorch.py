@@ -23,10 +23,9 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from hartkit.bundle import bundle_path
 from hartkit.errors import HartkitError, MissingDependencyError
+from hartkit.fsutil import confined_path
 
-FORMAT = "executorch"
 # ExecuTorch's threadpool probes the CPU on the first method load and logs each probe to stderr from
 # C++ (no logger to silence): these lines, and only these, are dropped.
 CPUINFO_NOISE = ("[cpuinfo_utils.cpp:",)
@@ -61,6 +60,7 @@ DTYPES = {"float32": np.float32, "int64": np.int64}
 
 class ExecuTorchBackend:
     name = "executorch"
+    format = "executorch"  # the manifest's ``files`` section this backend reads
 
     def __init__(self, export_dir: str | Path, info: dict) -> None:
         try:
@@ -73,7 +73,7 @@ class ExecuTorchBackend:
         self._torch = torch
         self._runtime = Runtime.get()
         self._dir = Path(export_dir)
-        self._files: dict[str, str] = dict(info.get("files", {}).get(FORMAT, {}))
+        self._files: dict[str, str] = dict(info.get("files", {}).get(self.format, {}))
         self._graphs: dict[str, dict] = {g["name"]: g for g in info["graphs"]}
         self._programs: dict[str, Any] = {}
         self._methods: dict[str, Any] = {}
@@ -84,7 +84,7 @@ class ExecuTorchBackend:
             raise HartkitError(f"{self._dir}: no ExecuTorch program for graph '{graph}' (export with --format executorch)")
         rel = self._files[graph]
         if rel not in self._programs:
-            path = bundle_path(self._dir, rel, f"ExecuTorch program of graph '{graph}'")
+            path = confined_path(self._dir, rel, f"ExecuTorch program of graph '{graph}'")
             if not path.is_file():
                 raise HartkitError(f"{path}: ExecuTorch program of graph '{graph}' is missing")
             try:
