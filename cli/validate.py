@@ -38,8 +38,30 @@ def add_parser(sub) -> None:
                    help="override one bar, e.g. tf_top1_min=0.9 or image_ssim_min=none (repeatable)")
     p.add_argument("--thresholds", metavar="JSON", help="a JSON file {name: value} of bars to override")
     p.add_argument("--no-fp16", action="store_true", help="skip the fp16 reference row (faster)")
+    p.add_argument("--samples", type=_positive, default=1, metavar="K",
+                   help="images per prompt and seed for the caption score: the run's own and K-1 more seeds "
+                        "(free-running only; default 1)")
+    ray = p.add_argument_group("sharding over a Ray cluster (pip install 'hartkit[ray]')")
+    ray.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="run the work on Ray actors: ADDRESS of a running cluster (HOST:PORT of `ray start --head`, "
+                          "ray://HOST:PORT or auto), or none for a local cluster on this machine; finished chunks are "
+                          "appended to OUT/results.jsonl and the same command resumes from them")
+    ray.add_argument("--workers", type=_positive, default=None, metavar="N",
+                     help="Ray actors (default: one per CPU of the cluster)")
+    ray.add_argument("--chunk", type=_positive, default=None, metavar="PROMPTS",
+                     help="prompts per Ray task (default: 4)")
     p.add_argument("--out", default="hartkit-validate", help="report folder (default: hartkit-validate)")
     p.set_defaults(func=cmd_validate)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -48,7 +70,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from hartkit.fsutil import check_output_dir
     from hartkit.validate import thresholds as T
     from hartkit.validate.core import DEFAULT_PROMPTS, parse_seeds, read_prompts, validate
-    from hartkit.validate.report import summary_lines, verdict_lines, write_report
 
     overrides = T.load_file(args.thresholds) if args.thresholds else {}
     overrides.update(T.parse_assignments(args.threshold or []))
@@ -61,7 +82,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
         checkpoint, text_model = resolve_weights(args)
     seeds = parse_seeds(args.seeds)
+    if args.ray is None and (args.workers is not None or args.chunk is not None):
+        from hartkit.errors import UsageError
+
+        raise UsageError("--workers and --chunk shard the work over Ray: add --ray [ADDRESS]")
     bars: list = []  # the progress bar starts once the amount of work is known (after the checks)
+    if args.ray is not None:
+        from hartkit.validate.sweep import DEFAULT_CHUNK, sweep
+
+        result = sweep(args.bundles, checkpoint, text_model=text_model, backend=args.backend,
+                       graph_backends=parse_graph_backends(args.graph_backend), prompts=prompts, seeds=seeds,
+                       cfg=args.cfg, thresholds=overrides, fp16=not args.no_fp16, samples=args.samples,
+                       out=args.out, address=None if args.ray == "local" else args.ray, workers=args.workers,
+                       chunk_size=args.chunk or DEFAULT_CHUNK)
+        report = result.report
+        s = result.stats
+        print(f"ray: {s.workers} workers, {s.tasks_run} tasks in {s.seconds:.1f} s "
+              f"({s.chunks_skipped} chunks resumed from {result.results_path})", file=sys.stderr)
+        return _finish(report, args.out)
     try:
         def on_total(total: int) -> None:
             bars.append(tqdm(total=total, desc="validating", unit="step", file=sys.stderr))
@@ -74,11 +112,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
         report = validate(args.bundles, checkpoint, text_model=text_model, backend=args.backend,
                           graph_backends=parse_graph_backends(args.graph_backend), prompts=prompts, seeds=seeds,
                           cfg=args.cfg, thresholds=overrides, fp16=not args.no_fp16, progress=step,
-                          on_total=on_total)
+                          on_total=on_total, samples=args.samples)
     finally:
         for bar in bars:
             bar.close()
-    json_path, html_path = write_report(report, args.out)
+    return _finish(report, args.out)
+
+
+def _finish(report, out) -> int:
+    from hartkit.validate.report import summary_lines, verdict_lines, write_report
+
+    json_path, html_path = write_report(report, out)
     print("\n".join(summary_lines(report)))
     for note in report.notes:
         print(f"note: {note}")

@@ -47,6 +47,9 @@ DEFAULT_PROMPTS = (
 DEFAULT_SEEDS = (0, 1)
 TOPK = 10  # top-k overlap: the head of the distribution, where a trained model's mass sits
 RECORD_BUDGET_MB = 1024.0  # recorded graph inputs/outputs kept for the per-graph scores
+# Graph inputs are recorded from the first runs only: every graph runs at least once per run, so three runs
+# fill the recorder's three calls per graph, and a sharded sweep records exactly what one machine does.
+RECORD_RUNS = 3
 FORMAT_BACKEND = {"onnx": "onnxruntime", "executorch": "executorch", "coreml": "coreml"}
 
 Progress = Callable[[str], None]
@@ -254,10 +257,18 @@ class ReferenceRuns:
     fp32_caption: dict | None = None
     notes: list[str] = field(default_factory=list)
     fp32_logits: list[list[np.ndarray]] = field(default_factory=list)  # per run, per stage: CFG-mixed logits
+    samples: int = 1  # images per run for the caption score (the run's own, then extra seeds)
+    fp32_captions: list[list[dict | None]] = field(default_factory=list)  # per run, per sample: caption checks
+    recorded_counts: dict[str, int] | None = None  # calls per graph, where ``recorded`` was not kept (a sweep)
 
     @property
     def fp16_images(self) -> list[np.ndarray] | None:
         return self.fp16.images if self.fp16 is not None else None
+
+    def record_counts(self) -> dict[str, int]:
+        if self.recorded_counts is not None:
+            return dict(self.recorded_counts)
+        return {g: len(c) for g, c in self.recorded.items()}
 
 
 class BudgetRecorder(RecordingBackend):
@@ -299,71 +310,142 @@ def teacher_forced(teacher: Trace, logits_into: list):
     return force
 
 
-def run_references(refs: References, prompts: Sequence[str] = DEFAULT_PROMPTS, seeds: Sequence[int] = DEFAULT_SEEDS,
-                   cfg: float | None = None, *, fp16: bool = True, topk: int = TOPK,
-                   record_budget_mb: float = RECORD_BUDGET_MB, progress: Progress | None = None) -> ReferenceRuns:
-    """Generate every (prompt, seed) with the fp32 reference (recording graph inputs), then score fp16.
+def sample_seed(seed: int, k: int) -> int:
+    """The seed of a run's k-th extra caption sample (k >= 1); k = 0 is the run's own seed."""
+    if k == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, k]).generate_state(1, np.uint64)[0])
+
+
+def check_samples(samples: int) -> int:
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise UsageError(f"samples per prompt must be an integer >= 1, got {samples!r}")
+    return samples
+
+
+def record_graph_inputs(refs: References, runs: Sequence[tuple[str, int]], cfg: float,
+                        budget_bytes: int) -> tuple[dict, list[tuple[np.ndarray, Trace, list[np.ndarray]]]]:
+    """The fp32 reference on the first :data:`RECORD_RUNS` runs with every graph's inputs recorded.
 
     Recording: every ``ar_stage`` call of the first run (so each scale is covered) and the first
-    three calls of every other graph across the runs, within ``record_budget_mb`` — the per-graph
-    numbers need real inputs, not all of them (a full-size model's KV caches of the late stages
-    are gigabytes per call; past the budget, only the first calls are kept).
+    three calls of every other graph, within the budget — the per-graph numbers need real inputs,
+    not all of them (a full-size model's KV caches of the late stages are gigabytes per call).
+    Returns the recorded calls and each run's (image, trace, logits).
     """
-    if not prompts:
-        raise UsageError("no prompts to validate on")
-    say = progress or (lambda _m: None)
-    runs = [(p, s) for p in prompts for s in seeds]
-    cfg = refs.loop.default_cfg if cfg is None else cfg  # the checkpoint's recommended guidance
-    recorder = BudgetRecorder(refs.torch_backend, budget_bytes=int(record_budget_mb * 2**20))
+    recorder = BudgetRecorder(refs.torch_backend, budget_bytes=budget_bytes)
     pipe = Pipeline(refs.loop, recorder, refs.fp32.tokenizer, refs.codebook)
-    fp32, fp32_logits = [], []
-    for i, (prompt, seed) in enumerate(runs):
+    outs = []
+    for i, (prompt, seed) in enumerate(runs[:RECORD_RUNS]):
         if i == 1:
             recorder.always = set()
         logits: list[np.ndarray] = []
-        fp32.append(pipe.generate(prompt, seed=seed, cfg=cfg, callback_on_stage_end=keep_logits(logits)))
+        image, trace = pipe.generate(prompt, seed=seed, cfg=cfg, callback_on_stage_end=keep_logits(logits))
+        outs.append((image, trace, logits))
+    return recorder.calls, outs
+
+
+def reference_samples(pipe: Pipeline, prompt: str, seed: int, cfg: float, samples: int,
+                      first: np.ndarray) -> list[dict | None]:
+    """Caption checks of a run's ``samples`` images: ``first`` (its own) and the extra seeds' generations."""
+    images = [first] + [pipe.generate(prompt, seed=sample_seed(seed, k), cfg=cfg)[0] for k in range(1, samples)]
+    return caption_items(images, [prompt] * len(images))
+
+
+def run_references(refs: References, prompts: Sequence[str] = DEFAULT_PROMPTS, seeds: Sequence[int] = DEFAULT_SEEDS,
+                   cfg: float | None = None, *, fp16: bool = True, topk: int = TOPK,
+                   record_budget_mb: float = RECORD_BUDGET_MB, samples: int = 1,
+                   progress: Progress | None = None) -> ReferenceRuns:
+    """Generate every (prompt, seed) with the fp32 reference (recording graph inputs), then score fp16.
+
+    ``samples``: images per run for the caption score (the run's own and ``samples - 1`` more seeds).
+    """
+    if not prompts:
+        raise UsageError("no prompts to validate on")
+    samples = check_samples(samples)
+    say = progress or (lambda _m: None)
+    runs = [(p, s) for p in prompts for s in seeds]
+    cfg = refs.loop.default_cfg if cfg is None else cfg  # the checkpoint's recommended guidance
+    recorded, first = record_graph_inputs(refs, runs, cfg, int(record_budget_mb * 2**20))
+    fp32, fp32_logits, captions = [], [], []
+    for i, (prompt, seed) in enumerate(runs):
+        if i < len(first):
+            image, trace, logits = first[i]
+        else:
+            logits = []
+            image, trace = refs.fp32.generate(prompt, seed=seed, cfg=cfg, callback_on_stage_end=keep_logits(logits))
+        fp32.append((image, trace))
         fp32_logits.append(logits)
+        captions.append(reference_samples(refs.fp32, prompt, seed, cfg, samples, image))
         say(f"fp32 reference {i + 1}/{len(runs)}")
-    out = ReferenceRuns(refs, list(prompts), list(seeds), cfg, topk, runs, fp32, recorder.calls,
-                        fp32_logits=fp32_logits)
-    out.fp32_caption = caption_accuracy([img for img, _ in fp32], [p for p, _ in runs], out.notes)
+    out = ReferenceRuns(refs, list(prompts), list(seeds), cfg, topk, runs, fp32, recorded,
+                        fp32_logits=fp32_logits, samples=samples, fp32_captions=captions)
+    out.fp32_caption = caption_summary([c for run in captions for c in run], out.notes)
     if fp16:
         row = Row("torch (fp16 autocast)", "reference", "torch", "torch-fp16", "fp16")
         score_row(row, refs.fp16, out, progress=say)
-        for graph, why in sorted(refs.fp16_backend.fallbacks.items()):
-            row.notes.append(f"graph {graph} ran in fp32: no fp16 CPU kernel ({why})")
+        row.notes.extend(fp16_notes(refs.fp16_backend.fallbacks))
         out.fp16 = row
     return out
+
+
+def fp16_notes(fallbacks: Mapping[str, str]) -> list[str]:
+    return [f"graph {graph} ran in fp32: no fp16 CPU kernel ({why})" for graph, why in sorted(fallbacks.items())]
+
+
+def caption_items(images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[dict | None]:
+    """Per image, the caption scorer's checks; None where the prompt is not a scene caption.
+
+    ``{"error": ...}`` where the scorer failed, or is not installed (``{"missing": ...}``)."""
+    try:
+        from hartkit.validate import caption_score, scenes
+    except ImportError as exc:
+        return [{"missing": str(exc)} for _ in prompts]
+    out: list[dict | None] = []
+    for image, prompt in zip(images, prompts):
+        try:
+            scenes.parse_caption(prompt)
+        except ValueError:
+            out.append(None)
+            continue
+        try:
+            out.append({k: (None if v is None else bool(v)) for k, v in caption_score.score(image, prompt).items()})
+        except Exception as exc:  # the scorer is another module's code: a failure there must not sink the report
+            out.append({"error": f"{type(exc).__name__}: {exc}"})
+    return out
+
+
+def caption_summary(items: Sequence[dict | None], notes: list[str] | None = None) -> dict | None:
+    """Caption accuracy over the images whose prompt is a scene caption; None when none is or no scorer runs."""
+    missing = next((it["missing"] for it in items if it is not None and "missing" in it), None)
+    if missing is not None:
+        if notes is not None and not any("caption" in n for n in notes):
+            notes.append(f"caption accuracy skipped: hartkit.validate.caption_score is not available ({missing})")
+        return None
+    kept = [it for it in items if it is not None]
+    if not kept:
+        if notes is not None and not any("caption" in n for n in notes):
+            notes.append("caption accuracy skipped: no prompt is a scene caption (hartkit.validate.scenes grammar)")
+        return None
+    failed = next((it["error"] for it in kept if "error" in it), None)
+    if failed is not None:
+        if notes is not None:
+            notes.append(f"caption accuracy failed: {failed}")
+        return None
+    from hartkit.validate.caption_score import ATTRIBUTES, chance_level
+
+    per_attribute = {}
+    for name in ATTRIBUTES:
+        values = [it[name] for it in kept if it[name] is not None]
+        if values:
+            per_attribute[name] = float(np.mean(values))
+    return {"accuracy": float(np.mean([it["caption"] for it in kept])), "n": len(kept),
+            "chance": float(chance_level()["caption"]), "per_attribute": per_attribute}
 
 
 def caption_accuracy(images: Sequence[np.ndarray], prompts: Sequence[str], notes: list[str] | None = None,
                      ) -> dict | None:
     """Caption accuracy over the prompts that are scene captions; None when the scorer is unavailable."""
-    try:
-        from hartkit.validate import caption_score, scenes
-    except ImportError as exc:
-        if notes is not None and not any("caption" in n for n in notes):
-            notes.append(f"caption accuracy skipped: hartkit.validate.caption_score is not available ({exc})")
-        return None
-    keep = []
-    for i, prompt in enumerate(prompts):
-        try:
-            scenes.parse_caption(prompt)
-        except ValueError:
-            continue
-        keep.append(i)
-    if not keep:
-        if notes is not None and not any("caption" in n for n in notes):
-            notes.append("caption accuracy skipped: no prompt is a scene caption (hartkit.validate.scenes grammar)")
-        return None
-    try:
-        report = caption_score.evaluate([images[i] for i in keep], [prompts[i] for i in keep])
-    except Exception as exc:  # the scorer is another module's code: a failure there must not sink the report
-        if notes is not None:
-            notes.append(f"caption accuracy failed: {type(exc).__name__}: {exc}")
-        return None
-    return {"accuracy": float(report.accuracy), "n": int(report.n), "chance": float(report.chance),
-            "per_attribute": {k: float(v) for k, v in report.per_attribute.items()}}
+    return caption_summary(caption_items(images, prompts), notes)
 
 
 # ----------------------------------------------------------------------------- scoring one row
@@ -401,66 +483,103 @@ class GenerationFailed(HartkitError):
     """A row's backend raised while generating: the row is an error (a failure), not a crash."""
 
 
+@dataclass
+class RunRecord:
+    """One (prompt, seed) of one row before pooling: what :func:`score_run` returns (a sweep's unit)."""
+
+    run: RunScore
+    image: np.ndarray  # free-running
+    kl: list[np.ndarray]  # per stage: teacher-forced KL per position
+    top1: list[np.ndarray]  # per stage: teacher-forced top-1 agreement per position
+    topk: list[np.ndarray]  # per stage: teacher-forced top-k overlap per position
+    tokens: list[np.ndarray]  # per stage: free-running token equal to the reference's, per position
+    logit_err: list[float]  # per stage: max |logit error|
+    kl_worst: list[float]  # per stage: worst position's KL
+    captions: list[dict | None]  # per caption sample: the scorer's checks
+
+
+def score_run(pipe: Pipeline, loop, prompt: str, seed: int, cfg: float, topk: int, ref_image: np.ndarray,
+              ref_trace: Trace, ref_logits: Sequence[np.ndarray], fp16_image: np.ndarray | None = None, *,
+              is_reference: bool = False, samples: int = 1) -> RunRecord:
+    """Every per-run metric of ``pipe`` against one fp32 reference run (raises :class:`GenerationFailed`)."""
+    try:
+        tf_logits: list[np.ndarray] = []
+        tf_image, tf_trace = pipe.generate(prompt, seed=seed, cfg=cfg,
+                                           callback_on_stage_end=teacher_forced(ref_trace, tf_logits))
+        image, trace = pipe.generate(prompt, seed=seed, cfg=cfg)
+        extra = [pipe.generate(prompt, seed=sample_seed(seed, k), cfg=cfg)[0] for k in range(1, samples)]
+    except Exception as exc:  # noqa: BLE001 - a backend that cannot run the loop: the row fails
+        raise GenerationFailed(f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
+    n_stages = len(loop.patch_nums)
+    rec = RunRecord(RunScore(prompt, seed), image, [], [], [], [], [], [], caption_items(
+        [image, *extra], [prompt] * (1 + len(extra))))
+    run = rec.run
+    for si in range(n_stages):
+        a, b = ref_logits[si], tf_logits[si]
+        kl = M.kl_divergence(a, b)
+        rec.kl.append(kl.ravel())
+        rec.kl_worst.append(float(kl.max(initial=0.0)))
+        rec.top1.append((np.argmax(a, -1) == np.argmax(b, -1)).ravel())
+        rec.topk.append(M.topk_overlaps(a, b, topk))
+        rec.logit_err.append(M.max_abs_err(a, b))
+        same = (np.asarray(ref_trace.tokens[si]) == np.asarray(trace.tokens[si])).ravel()
+        rec.tokens.append(same)
+        run.free_token_agreement.append(float(same.mean()))
+    run.first_divergent_stage = M.first_divergent_stage(ref_trace.tokens, trace.tokens)
+    run.residual_snr_db = M.snr_db(ref_trace.residual, tf_trace.residual)
+    run.residual_max_abs_err = M.max_abs_err(ref_trace.residual, tf_trace.residual)
+    run.residual_cosine = M.cosine(ref_trace.residual, tf_trace.residual)
+    run.image_psnr_db = M.psnr(ref_image, image)
+    run.image_ssim = M.ssim(ref_image, image)
+    run.tf_image_psnr_db = M.psnr(ref_image, tf_image)
+    if fp16_image is not None:
+        run.image_psnr_vs_fp16_db = M.psnr(fp16_image, image)
+        run.image_ssim_vs_fp16 = M.ssim(fp16_image, image)
+    elif is_reference:
+        run.image_psnr_vs_fp16_db, run.image_ssim_vs_fp16 = math.inf, 1.0  # it is the fp16 image
+    return rec
+
+
+def finish_row(row: Row, graphs: list[GraphScore], records: Sequence[RunRecord], patch_nums: Sequence[int],
+               fp32_caption: dict | None) -> Row:
+    """Pool per-run records (in run order) into the row's per-stage scores and caption accuracy."""
+    row.graphs = graphs
+    row.runs = [r.run for r in records]
+    row.images = [r.image for r in records]
+    row.stages = []  # per stage, pooled over every run's token positions
+    for si, pn in enumerate(patch_nums):
+        row.stages.append(StageScore(
+            stage=si, pn=pn,
+            tf_kl=float(np.concatenate([r.kl[si] for r in records]).mean()),
+            tf_kl_max=max([0.0] + [r.kl_worst[si] for r in records]),
+            tf_top1=float(np.concatenate([r.top1[si] for r in records]).mean()),
+            tf_topk=float(np.concatenate([r.topk[si] for r in records]).mean()),
+            tf_logits_max_abs_err=max([0.0] + [r.logit_err[si] for r in records]),
+            free_token_agreement=float(np.concatenate([r.tokens[si] for r in records]).mean())))
+    captions = caption_summary([c for r in records for c in r.captions])
+    if captions is not None and fp32_caption is not None:
+        captions["drop"] = fp32_caption["accuracy"] - captions["accuracy"]
+    row.caption = captions
+    return row
+
+
 def score_row(row: Row, pipe: Pipeline, ref: ReferenceRuns, progress: Progress | None = None) -> Row:
-    """Fill ``row`` with every metric of ``pipe`` against the fp32 reference runs."""
+    """Fill ``row`` with every metric of ``pipe`` against the fp32 reference runs.
+
+    A run that cannot generate raises :class:`GenerationFailed` with the row's graphs scored and no runs.
+    """
     say = progress or (lambda _m: None)
     loop = ref.refs.loop
     row.graphs = score_graphs(pipe.backend, ref.recorded, ref.refs.output_names)
     say(f"{row.label}: graphs")
-    n_stages = len(loop.patch_nums)
-    acc = {k: [[] for _ in range(n_stages)] for k in ("kl", "top1", "topk", "tok")}
-    logit_err = [0.0] * n_stages
-    kl_worst = [0.0] * n_stages
     fp16_images = ref.fp16_images
+    records = []
     for i, ((prompt, seed), (ref_image, ref_trace), ref_logits) in enumerate(zip(ref.runs, ref.fp32, ref.fp32_logits)):
-        try:
-            tf_logits: list[np.ndarray] = []
-            tf_image, tf_trace = pipe.generate(prompt, seed=seed, cfg=ref.cfg,
-                                               callback_on_stage_end=teacher_forced(ref_trace, tf_logits))
-            image, trace = pipe.generate(prompt, seed=seed, cfg=ref.cfg)
-        except Exception as exc:  # noqa: BLE001 - a backend that cannot run the loop: the row fails
-            raise GenerationFailed(f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
-        run = RunScore(prompt, seed)
-        for si in range(n_stages):
-            a, b = ref_logits[si], tf_logits[si]
-            kl = M.kl_divergence(a, b)
-            acc["kl"][si].append(kl.ravel())
-            kl_worst[si] = max(kl_worst[si], float(kl.max(initial=0.0)))
-            acc["top1"][si].append((np.argmax(a, -1) == np.argmax(b, -1)).ravel())
-            acc["topk"][si].append(M.topk_overlaps(a, b, ref.topk))
-            logit_err[si] = max(logit_err[si], M.max_abs_err(a, b))
-            same = (np.asarray(ref_trace.tokens[si]) == np.asarray(trace.tokens[si])).ravel()
-            acc["tok"][si].append(same)
-            run.free_token_agreement.append(float(same.mean()))
-        run.first_divergent_stage = M.first_divergent_stage(ref_trace.tokens, trace.tokens)
-        run.residual_snr_db = M.snr_db(ref_trace.residual, tf_trace.residual)
-        run.residual_max_abs_err = M.max_abs_err(ref_trace.residual, tf_trace.residual)
-        run.residual_cosine = M.cosine(ref_trace.residual, tf_trace.residual)
-        run.image_psnr_db = M.psnr(ref_image, image)
-        run.image_ssim = M.ssim(ref_image, image)
-        run.tf_image_psnr_db = M.psnr(ref_image, tf_image)
-        if fp16_images is not None:
-            run.image_psnr_vs_fp16_db = M.psnr(fp16_images[i], image)
-            run.image_ssim_vs_fp16 = M.ssim(fp16_images[i], image)
-        elif row.kind == "reference":
-            run.image_psnr_vs_fp16_db, run.image_ssim_vs_fp16 = math.inf, 1.0  # it is the fp16 image
-        row.runs.append(run)
-        row.images.append(image)
+        records.append(score_run(pipe, loop, prompt, seed, ref.cfg, ref.topk, ref_image, ref_trace, ref_logits,
+                                 fp16_images[i] if fp16_images is not None else None,
+                                 is_reference=row.kind == "reference", samples=ref.samples))
         say(f"{row.label}: {i + 1}/{len(ref.runs)}")
-    row.stages = []  # per stage, pooled over every run's token positions
-    for si, pn in enumerate(loop.patch_nums):
-        row.stages.append(StageScore(
-            stage=si, pn=pn,
-            tf_kl=float(np.concatenate(acc["kl"][si]).mean()), tf_kl_max=kl_worst[si],
-            tf_top1=float(np.concatenate(acc["top1"][si]).mean()),
-            tf_topk=float(np.concatenate(acc["topk"][si]).mean()),
-            tf_logits_max_abs_err=logit_err[si],
-            free_token_agreement=float(np.concatenate(acc["tok"][si]).mean())))
-    captions = caption_accuracy(row.images, [p for p, _ in ref.runs])
-    if captions is not None and ref.fp32_caption is not None:
-        captions["drop"] = ref.fp32_caption["accuracy"] - captions["accuracy"]
-    row.caption = captions
-    return row
+    return finish_row(row, row.graphs, records, loop.patch_nums, ref.fp32_caption)
 
 
 def judge(row: Row, bars: Mapping[str, float | None]) -> list[Failure]:
@@ -513,20 +632,32 @@ def recipe_name(manifest: Mapping) -> str:
     return str(recipe)
 
 
-def open_candidates(bundles: Sequence[str | Path], refs: References, backend: str | None = None,
-                    graph_backends: Mapping[str, str] | None = None) -> list[Candidate]:
-    """One candidate per (bundle, format): every format of each bundle whose backend runs on this
-    machine (a format that cannot run here is a *skipped* row), or only ``backend``'s format when
-    given (then a bundle without it, or a backend that cannot start, is an error)."""
-    from hartkit.backends import BACKEND_FORMAT
-    from hartkit.bundle import BundleError, read_manifest, verify_bundle
+@dataclass
+class CandidatePlan:
+    """A (bundle, format, backend) to validate, from its manifest alone (no model, no backend opened)."""
 
-    out: list[Candidate] = []
+    folder: Path
+    format: str
+    backend: str
+    label: str
+    recipe: str
+
+    def new_row(self) -> Row:
+        return Row(self.label, "bundle", self.format, self.backend, self.recipe, bundle=str(self.folder))
+
+
+def plan_candidates(bundles: Sequence[str | Path], backend: str | None = None,
+                    ) -> list[tuple[Path, dict, list[CandidatePlan]]]:
+    """Per bundle: its folder, manifest and candidates — every format whose backend hartkit knows, or only
+    ``backend``'s format when given (a bundle without it is a usage error)."""
+    from hartkit.backends import BACKEND_FORMAT
+    from hartkit.bundle import read_manifest
+
+    out = []
     labels: dict[str, int] = {}
     for path in bundles:
         folder = Path(path)
         manifest = read_manifest(folder)  # BundleError (exit 3) for a missing or malformed bundle
-        refs.check_bundle(folder, manifest)
         recipe = recipe_name(manifest)
         formats = list(manifest.get("files", {}))
         if backend is not None:
@@ -538,24 +669,49 @@ def open_candidates(bundles: Sequence[str | Path], refs: References, backend: st
             picks = [(fmt, FORMAT_BACKEND[fmt]) for fmt in formats if fmt in FORMAT_BACKEND]
         if not picks:
             raise UsageError(f"{folder}: the bundle lists no graph files in a known format")
-        report = verify_bundle(folder)
+        plans = []
         for fmt, be in picks:
             label = f"{folder.name} ({fmt}, {recipe})"
             labels[label] = labels.get(label, 0) + 1
             if labels[label] > 1:
                 label = f"{label} #{labels[label]}"
-            row = Row(label, "bundle", fmt, be, recipe, bundle=str(folder))
-            cand = Candidate(row)
-            out.append(cand)
-            if not report.ok:
-                row.status, row.reason = "error", "bundle does not verify: " + "; ".join(report.problems[:5])
-                continue
-            try:
-                cand.pipeline = Pipeline.from_exported(folder, backend=be, graph_backends=graph_backends)
-            except (MissingDependencyError, HartkitError) as exc:
-                if backend is not None or isinstance(exc, BundleError):
-                    raise
-                row.status, row.reason = "skipped", f"backend {be} cannot run here: {exc}"
+            plans.append(CandidatePlan(folder, fmt, be, label, recipe))
+        out.append((folder, manifest, plans))
+    return out
+
+
+def open_candidate(plan: CandidatePlan, verified_ok: bool, problems: Sequence[str], explicit_backend: bool,
+                   graph_backends: Mapping[str, str] | None = None) -> Candidate:
+    """The row and, when it can run here, the pipeline of one planned candidate."""
+    from hartkit.bundle import BundleError
+
+    row = plan.new_row()
+    cand = Candidate(row)
+    if not verified_ok:
+        row.status, row.reason = "error", "bundle does not verify: " + "; ".join(list(problems)[:5])
+        return cand
+    try:
+        cand.pipeline = Pipeline.from_exported(plan.folder, backend=plan.backend, graph_backends=graph_backends)
+    except (MissingDependencyError, HartkitError) as exc:
+        if explicit_backend or isinstance(exc, BundleError):
+            raise
+        row.status, row.reason = "skipped", f"backend {plan.backend} cannot run here: {exc}"
+    return cand
+
+
+def open_candidates(bundles: Sequence[str | Path], refs: References, backend: str | None = None,
+                    graph_backends: Mapping[str, str] | None = None) -> list[Candidate]:
+    """One candidate per (bundle, format): every format of each bundle whose backend runs on this
+    machine (a format that cannot run here is a *skipped* row), or only ``backend``'s format when
+    given (then a bundle without it, or a backend that cannot start, is an error)."""
+    from hartkit.bundle import verify_bundle
+
+    out: list[Candidate] = []
+    for folder, manifest, plans in plan_candidates(bundles, backend):
+        refs.check_bundle(folder, manifest)
+        report = verify_bundle(folder)
+        out.extend(open_candidate(plan, report.ok, report.problems, backend is not None, graph_backends)
+                   for plan in plans)
     return out
 
 
@@ -602,11 +758,13 @@ def validate(bundles: Sequence[str | Path], checkpoint: str | Path | None = None
              seeds: Sequence[int] = DEFAULT_SEEDS, cfg: float | None = None,
              thresholds: Mapping[str, object] | None = None, fp16: bool = True, topk: int = TOPK,
              reference: ReferenceRuns | None = None, progress: Progress | None = None,
-             on_total: Callable[[int], None] | None = None) -> ValidationReport:
+             on_total: Callable[[int], None] | None = None, samples: int = 1) -> ValidationReport:
     """Validate bundles against the references; ``reference`` reuses earlier reference runs.
 
     ``progress`` is called once per unit of work, ``on_total`` once the number of units is known.
+    ``samples``: images per (prompt, seed) for the caption score (1 + extra seeds; see :func:`sample_seed`).
     """
+    samples = check_samples(samples)
     bars = resolve(thresholds)
     if not bundles:
         raise UsageError("give at least one bundle to validate")
@@ -623,7 +781,8 @@ def validate(bundles: Sequence[str | Path], checkpoint: str | Path | None = None
         ref_units = 0 if reference is not None else n_runs + (n_runs + 1 if fp16 else 0)
         on_total(ref_units + len(live) * (n_runs + 1))
     if reference is None:
-        reference = run_references(refs, prompts, seeds, cfg, fp16=fp16, topk=topk, progress=progress)
+        reference = run_references(refs, prompts, seeds, cfg, fp16=fp16, topk=topk, samples=samples,
+                                   progress=progress)
     notes = list(reference.notes)
     for cand in live:
         try:
@@ -631,13 +790,19 @@ def validate(bundles: Sequence[str | Path], checkpoint: str | Path | None = None
         except GenerationFailed as exc:  # a graph that cannot run on its inputs: the bundle is broken
             cand.row.status, cand.row.reason = "error", f"generation failed: {exc}"
     rows = ([reference.fp16] if reference.fp16 is not None else []) + [c.row for c in candidates]
+    return assemble_report(reference, rows, bars)
+
+
+def assemble_report(reference: ReferenceRuns, rows: list[Row], bars: Mapping[str, float | None]) -> ValidationReport:
+    """Judge the scored rows and collect the notes: the last step of a validation, on one machine or many."""
+    notes = list(reference.notes)
     for row in rows:
         row.failures = judge(row, bars)
     for row in rows:
         if row.status == "skipped":
             notes.append(f"{row.label}: skipped ({row.reason})")
         notes.extend(f"{row.label}: {note}" for note in row.notes)
-    return ValidationReport(reference, rows, bars, notes)
+    return ValidationReport(reference, rows, dict(bars), notes)
 
 
 def checkpoint_from_manifests(bundles: Sequence[str | Path], text_model: str | Path | None,

@@ -89,7 +89,7 @@ def report_dict(report: ValidationReport) -> dict:
                      "runs": [{"prompt": p, "seed": s, "tokens_per_stage": [int(np.asarray(t).size) for t in tr.tokens]}
                               for (p, s), (_, tr) in zip(ref.runs, ref.fp32)]},
             "fp16": "torch.autocast('cpu', dtype=torch.float16) around every graph; host loop in fp32",
-            "recorded_calls": {g: len(c) for g, c in ref.recorded.items()},
+            "recorded_calls": ref.record_counts(),
         },
         "matrix": matrix,
         "rows": [r.to_json() for r in report.rows],
