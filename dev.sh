@@ -9,17 +9,18 @@ cd "$(dirname "$0")"
 
 PY=${PYTHON:-python3}
 VENV=.venv
-STAMP=$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+STAMP=$VENV/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[dev.sh] creating $VENV with $($PY --version)" >&2
   "$PY" -m venv "$VENV"
 fi
 if [ ! -f "$STAMP" ]; then
-  echo "[dev.sh] installing hartkit[all] (pinned versions; torch==2.13.0 CPU) ..." >&2
+  echo "[dev.sh] installing hartkit[all] (pinned versions: constraints.txt + the extras; torch==2.13.0 CPU) ..." >&2
   # torch first, alone, so the pinned CPU wheel is chosen before anything can ask for another build.
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==2.13.0"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check -e ".[all]"
+  # The base dependencies are ranges (for apps that embed the runtime); constraints.txt pins the measured set.
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -c constraints.txt -e ".[all]"
   rm -f "$VENV"/.installed-*
   touch "$STAMP"
 fi
