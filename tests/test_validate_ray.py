@@ -154,3 +154,13 @@ def test_bad_input_is_one_clear_error_and_keeps_finished_chunks(cluster, bundle,
     with pytest.raises(SweepError, match=r"bundle .* is not on worker node .* same path"):
         _sweep(moved, tiny_checkpoint, tmp_path / "out", on_result=unmount)
     assert _lines(tmp_path / "out" / "results.jsonl")  # what finished before the error is kept
+
+
+def test_nothing_imports_ray_without_the_flag():
+    import subprocess
+    import sys
+
+    code = ("import sys, hartkit.cli.validate, hartkit.validate.core, hartkit.validate.sweep\n"
+            "assert 'ray' not in sys.modules, 'ray imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
