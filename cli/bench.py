@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "bench", help="measure latency, FLOP/s, memory and size side by side",
         description="Per graph: median latency on each backend and in torch eager fp32 (ratios); end to end: the "
-                    "runtime vs the torch reference sampler with a per-part breakdown; AR stages' achieved FLOP/s "
+                    "runtime vs the eager torch graphs under the same loop with a per-part breakdown; AR stages' achieved FLOP/s "
                     "over this machine's measured fp32 GEMM throughput; peak RSS of a generation; bundle bytes "
                     "over the bit limit; with --recipes, each recipe's export time and peak memory. Writes bench.json, "
                     "bench.md (the table) and bench.png with --out.")

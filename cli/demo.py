@@ -54,7 +54,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     paths = save_images(images, out_dir / "demo.png")
     guidance = loaded.loop.default_cfg if args.cfg is None else args.cfg
     print(f"prompt: {args.prompt!r}  seed: {args.seed}  guidance: {guidance:g}")
-    print(f"wrote {paths[0]} from checkpoint {checkpoint} (PyTorch reference sampler)")
+    print(f"wrote {paths[0]} from checkpoint {checkpoint} (eager PyTorch graphs)")
     if checkpoint == demo_checkpoint():
         demo_grid(checkpoint, out_dir, args, images[0], loaded)
     if args.quick:

@@ -18,9 +18,9 @@ from hartkit.errors import UsageError
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "generate", help="generate images from a checkpoint folder",
-        description="Generate an image with the PyTorch reference sampler from a checkpoint in HART's "
+        description="Generate an image with the sampling loop on the eager PyTorch graphs of a checkpoint in HART's "
                     "official layout (DIR/llm, DIR/tokenizer). The same seed gives the same image.")
-    add_checkpoint_options(p, checkpoint_help="PyTorch reference sampler on a folder with llm/ and tokenizer/, "
+    add_checkpoint_options(p, checkpoint_help="eager PyTorch graphs of a folder with llm/ and tokenizer/, "
                                               "upstream's .../llm folder, or a Hugging Face repo id in the local cache")
     p.add_argument("--exported", metavar="DIR", help="an export folder from `hartkit export` (torch-free runtime)")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,

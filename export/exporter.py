@@ -1,4 +1,9 @@
-"""``hartkit export``: checkpoint -> graphs -> ONNX / ExecuTorch / Core ML files, checked for parity.
+"""``hartkit export``: one straight line from a checkpoint to a bundle.
+
+load -> record (the reference loop on the eager graphs) -> transform (the quantization plan; fp32 is
+the empty plan) -> export (every target) -> check (every target, against the plan's reference) ->
+write the bundle (through :mod:`hartkit.bundle`). The formats are the targets of
+:mod:`hartkit.export.targets`; nothing here asks which one it holds.
 
 The export folder is written in a temp folder beside the target and renamed only when every format
 exported and passed its parity check, so a failed or interrupted export leaves nothing behind.
@@ -13,42 +18,16 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from hartkit.bundle import (MANIFEST, QUANTIZED_GOLDEN_TOL, TOKENIZER_DIR, LoopInfo, build_export_info,
-                            build_manifest, read_manifest, write_constants, write_golden,
-                            write_loop_golden, write_manifest)
-from hartkit.errors import HartkitError, MissingDependencyError, UsageError
-from hartkit.model.graphs import GraphSpec, hart_graph_specs, loop_info
-from hartkit.export.parity import GraphParity, ParityError, check_backend, format_table
+from hartkit.bundle import (MANIFEST, TOKENIZER_DIR, build_export_info, build_manifest, read_manifest,
+                            write_constants, write_loop_golden, write_manifest)
+from hartkit.errors import HartkitError, UsageError
+from hartkit.export.parity import GraphParity, ParityError, format_table
+from hartkit.export.targets import FORMATS, parse_formats, targets_of  # noqa: F401 - parse_formats: the CLI reads it here
 
-FORMATS = ("onnx", "executorch", "coreml")
-FORMAT_LIBRARIES = {
-    "onnx": (("onnx", "onnxscript", "onnxruntime"), "pip install 'hartkit[onnx]'"),
-    "executorch": (("executorch",), "pip install 'hartkit[executorch]'"),
-    "coreml": (("coremltools",), "pip install 'hartkit[coreml]'"),
-}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 RECORD_PROMPT = "a red circle above a blue square on a yellow background"
 MAX_CALLS_PER_GRAPH = 3
 ALWAYS_RECORD_BYTES = 2 << 30
-
-
-def parse_formats(text: str | Sequence[str]) -> list[str]:
-    items = text.split(",") if isinstance(text, str) else list(text)
-    formats = [f.strip().lower() for f in items if f.strip()]
-    bad = [f for f in formats if f not in FORMATS]
-    if bad or not formats:
-        raise UsageError(f"unknown export format(s) {bad or formats}; choose from {', '.join(FORMATS)}")
-    return list(dict.fromkeys(formats))
-
-
-def require_format_libraries(formats: Sequence[str]) -> None:
-    import importlib.util
-
-    for fmt in formats:
-        mods, hint = FORMAT_LIBRARIES[fmt]
-        missing = [m for m in mods if importlib.util.find_spec(m) is None]
-        if missing:
-            raise MissingDependencyError(f"format '{fmt}' needs {', '.join(missing)} (not installed): {hint}")
 
 
 class RecordingBackend:
@@ -155,24 +134,27 @@ def export_checkpoint(
     calibration: "str | Path | Sequence[str] | None" = None,
     resolution: int | None = None,
 ) -> ExportResult:
+    from hartkit.bundle.write import write_model_card
+    from hartkit.export.quantization import QuantizationPlan
     from hartkit.fsutil import atomic_dir
+    from hartkit.loop.plan import LoopInfo
+    from hartkit.loop.sampler import StagedLoop
     from hartkit.model.checkpoint import load_hart
+    from hartkit.model.graphs import hart_graph_specs
+    from hartkit.model.hub import resolve_checkpoint, resolve_text_model
     from hartkit.model.text_encoder import TextEncoder
     from hartkit.model.torch_runner import TorchBackend, system_length_of
-    from hartkit.loop.sampler import StagedLoop
 
-    formats = parse_formats(formats)
-    require_format_libraries(formats)
+    targets = targets_of(formats)
+    for target in targets:
+        target.require()
     out = Path(out)
     check_target(out, overwrite)
-    from hartkit.bundle.write import write_model_card
-    from hartkit.model.hub import resolve_checkpoint, resolve_text_model
-
     # A folder, upstream's .../llm folder or a repo id in the local Hugging Face cache (hartkit.model.hub).
     checkpoint = resolve_checkpoint(checkpoint)
     text_dir = resolve_text_model(text_model, checkpoint)
-
     say = progress or (lambda _m: None)
+
     say("loading checkpoint")
     # resolution: the same weights on fewer scales (load_hart); the manifest's loop section then
     # carries the shorter patch_nums and the smaller image_size, so the runtime follows.
@@ -180,80 +162,55 @@ def export_checkpoint(
     encoder = TextEncoder.from_pretrained(text_dir)
     system_length = system_length_of(encoder.tokenizer, model.cfg.context_token)
     specs = hart_graph_specs(model, encoder, system_length)
-    torch_backend, _ = TorchBackend.from_model(model, encoder, system_length)
-    modules = torch_backend.modules
+    torch_backend, reference_info = TorchBackend.from_model(model, encoder, system_length)
+    output_names = {s.name: [o.name for o in s.outputs] for s in specs}
 
     say("recording graph inputs from the reference loop")
     recorder = RecordingBackend(torch_backend)
-    loop = StagedLoop(_loop_from(model, system_length), recorder.run, encoder.tokenizer, torch_backend.codebook)
+    loop = StagedLoop(LoopInfo.from_dict(reference_info["loop"]), recorder.run, encoder.tokenizer,
+                      torch_backend.codebook)
     ref_image, ref_trace = loop.generate(record_prompt, seed=seed, cfg=model.default_cfg)
 
-    # --- quantization hook (issue 4, hartkit.quantize): resolve the recipe for every format now,
-    # so a refused (scheme, format) cell fails before anything is written.
-    quant = None
-    if recipe is not None:
-        from hartkit.quantize.apply import QuantizedExport
+    # Resolved for every target now, so a refused (scheme, format) cell fails before anything is written.
+    plan = QuantizationPlan.prepare(recipe, model, encoder, system_length, specs, torch_backend.modules, targets,
+                                    recorder.calls, say, calibration)
 
-        quant = QuantizedExport.prepare(recipe, model, encoder, system_length, specs, formats, recorder.calls,
-                                        say, calibration)
-    # --- end quantization hook
-
-    result = ExportResult(out, formats)
+    result = ExportResult(out, [t.name for t in targets])
     with atomic_dir(out, overwrite=overwrite, replaceable=replaceable_export,
                     what="a previous hartkit export") as tmp:
         _copy_tokenizer(text_dir, tmp / TOKENIZER_DIR)
         write_constants(tmp, torch_backend.codebook)
         files: dict[str, dict[str, str]] = {}
-        for fmt in formats:
-            if quant is not None:  # quantization hook (issue 4)
-                files[fmt] = quant.export(fmt, specs, modules, tmp, say)
-            else:
-                files[fmt] = _export_format(fmt, specs, modules, tmp, say)
-        shared = _share_onnx_weights(tmp, files["onnx"], specs, result, say) if "onnx" in files else None
-        info = build_export_info(model, system_length, specs, files)
-        if shared is not None:
-            info["onnx_weights"] = shared
+        sections: dict = {}
+        for target in targets:
+            exported = target.export(specs, torch_backend.modules, tmp, plan[target.name], say)
+            files[target.name] = exported.files
+            sections.update(exported.info)
+            result.notes.extend(exported.notes)
+        info = {**build_export_info(model, system_length, specs, files), **sections}
         write_manifest(tmp, info)  # the backends below read it
-        if quant is None:
-            # The checks below compare against the recorded outputs: the torch weights are not read
-            # again, and a 0.7B model + its text encoder (9 GB) would sit beside the backends' copies.
-            _release_weights(model.transformer, model.vae, encoder)
-        output_names = {s.name: [o.name for o in s.outputs] for s in specs}
-        for fmt in formats:
-            say(f"parity: {fmt}")
-            if quant is not None:  # quantization hook (issue 4): bars against the eager-quantized modules
-                results = quant.check(fmt, tmp, info, recorder.calls, output_names, result)
-            else:
-                results = _check_format(fmt, tmp, info, recorder.calls, output_names, result)
-            result.parity.extend(results)
-            failed = [r for r in results if not r.ok]
+        plan.release_weights(model.transformer, model.vae, encoder)
+        for target in targets:
+            say(f"parity: {target.name}")
+            checked = target.check(tmp, info, recorder.calls, output_names, plan[target.name])
+            result.notes.extend(checked.notes)
+            result.parity.extend(checked.parity)
+            failed = [r for r in checked.parity if not r.ok]
             if failed:
-                raise ParityError(f"{fmt} export missed the parity bar; nothing was written to {out}:\n"
+                raise ParityError(f"{target.name} export missed the parity bar; nothing was written to {out}:\n"
                                   + format_table(failed))
         info["parity"] = [r.to_json() for r in result.parity]
-        if quant is not None:  # quantization hook (issue 4): recipe.json + export.json "quantization"
-            quant.write(tmp, info)
-            result.notes.extend(quant.notes)
+        result.notes.extend(plan.write(tmp, info))
         info["notes"] = result.notes
-        golden_graphs = write_golden(tmp, recorder.calls, output_names)
-        golden_loop = write_loop_golden(tmp, record_prompt, seed, model.default_cfg, ref_trace.tokens, ref_image)
-        if quant is not None:
-            # A quantized graph's golden outputs are the eager-quantized ones, per format; the fp32
-            # loop replay does not apply (quantized tokens legitimately differ).
-            golden_graphs = {
-                "by_format": {fmt: write_golden(tmp, quant.golden_calls(fmt), output_names, subdir=f"golden/{fmt}",
-                                                tolerance=QUANTIZED_GOLDEN_TOL)
-                              for fmt in formats},
-                **golden_graphs,
-            }
-            golden_loop = None
-        self_check = {fmt: quant.integer_graphs(fmt) for fmt in formats} if quant is not None else {}
-        recipe_dict = quant.recipe.to_dict() if quant is not None else None  # issue 4 hook
+        golden_graphs, golden_loop = plan.golden(
+            tmp, recorder.calls, output_names,
+            lambda: write_loop_golden(tmp, record_prompt, seed, model.default_cfg, ref_trace.tokens, ref_image))
         sources = export_sources(checkpoint, text_dir)
         model_name = sources["checkpoint"].get("repo_id") or checkpoint.resolve().name
-        write_model_card(tmp, info, model_name, sources, recipe_dict, {"checkpoint": checkpoint, "text_model": text_dir})
-        manifest = build_manifest(info, encoder.tokenizer, golden_graphs, golden_loop, recipe_dict,
-                                  model_name, tmp, self_check=self_check, source=sources)
+        write_model_card(tmp, info, model_name, sources, plan.recipe_dict(),
+                         {"checkpoint": checkpoint, "text_model": text_dir})
+        manifest = build_manifest(info, encoder.tokenizer, golden_graphs, golden_loop, plan.recipe_dict(),
+                                  model_name, tmp, self_check=plan.self_check(), source=sources)
         write_manifest(tmp, manifest)
     return result
 
@@ -266,24 +223,6 @@ def export_sources(checkpoint: Path, text_dir: Path) -> dict[str, dict]:
             "text_model": describe_source(text_dir)}
 
 
-def _release_weights(*modules) -> None:
-    """Free the parameters and buffers of torch modules in place (every wrapper sharing them sees empty
-    tensors); for use once nothing will run them again."""
-    import gc
-
-    import torch
-
-    with torch.no_grad():
-        for module in modules:
-            for t in list(module.parameters()) + list(module.buffers()):
-                t.data = torch.empty(0, dtype=t.dtype)
-    gc.collect()
-
-
-def _loop_from(model, system_length: int):
-    return LoopInfo.from_dict(loop_info(model, system_length))
-
-
 def _copy_tokenizer(text_dir: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     found = False
@@ -293,61 +232,3 @@ def _copy_tokenizer(text_dir: Path, dst: Path) -> None:
             found = True
     if not found:
         raise HartkitError(f"{text_dir}: no tokenizer files found ({', '.join(TOKENIZER_FILES)})")
-
-
-def _share_onnx_weights(folder: Path, graph_files: dict[str, str], specs: list[GraphSpec], result: ExportResult,
-                        say) -> dict:
-    """Store every large ONNX initializer once, in ``onnx/weights.bin`` (see export/onnx_share.py).
-
-    Returns the stats for the manifest (``onnx_weights``), with ``component_bytes``: the bytes on disk
-    of each weight component's graphs, the shared ranges they read counted once."""
-    from hartkit.export.onnx_share import share_onnx_weights, stored_bytes
-
-    say("onnx: sharing weights between graphs")
-    stats = share_onnx_weights(folder / "onnx")
-    stats.pop("by_graph", None)
-    by_component: dict[str, list[str]] = {}
-    for spec in specs:
-        if spec.weights and spec.name in graph_files:
-            by_component.setdefault(spec.weights, []).append(spec.name)
-    stats["component_bytes"] = {c: stored_bytes(folder / graph_files[g] for g in graphs)
-                                for c, graphs in by_component.items()}
-    result.notes.append(
-        f"onnx: {stats['tensors']} initializers stored in onnx/{stats['file']} as {stats['unique_tensors']} "
-        f"unique tensors ({stats['shared_tensors']} copies shared); ONNX files "
-        f"{stats['bytes_before'] / 1e6:.2f} MB -> {stats['bytes_after'] / 1e6:.2f} MB")
-    return stats
-
-
-def _export_format(fmt: str, specs: list[GraphSpec], modules, folder: Path, say) -> dict[str, str]:
-    if fmt == "onnx":
-        from hartkit.export.onnx_export import export_onnx
-
-        return export_onnx(specs, modules, folder, progress=say)
-    if fmt == "executorch":
-        from hartkit.export.executorch_export import export_executorch
-
-        return export_executorch(specs, modules, folder, progress=say)
-    if fmt == "coreml":
-        from hartkit.export.coreml_export import export_coreml
-
-        return export_coreml(specs, modules, folder, progress=say)
-    raise UsageError(f"unknown format {fmt}")  # pragma: no cover - parse_formats guards
-
-
-def _check_format(fmt: str, folder: Path, info: dict, recorded, output_names, result: ExportResult) -> list[GraphParity]:
-    if fmt == "onnx":
-        from hartkit.backends import OnnxRuntimeBackend
-
-        return check_backend(OnnxRuntimeBackend(folder, info), fmt, recorded, output_names)
-    if fmt == "executorch":
-        from hartkit.backends import ExecuTorchBackend
-
-        return check_backend(ExecuTorchBackend(folder, info), fmt, recorded, output_names)
-    if fmt == "coreml":
-        from hartkit.export.coreml_export import verify_coreml
-
-        results, notes = verify_coreml(folder, info, recorded, output_names)
-        result.notes.extend(notes)
-        return results
-    raise UsageError(f"unknown format {fmt}")  # pragma: no cover

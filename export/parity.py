@@ -1,4 +1,8 @@
-"""Parity of exported graphs against the torch modules, on real inputs recorded from the reference loop."""
+"""Parity of exported graphs against the torch modules, on real inputs recorded from the reference loop.
+
+fp32 files against the recorded fp32 outputs (:func:`check_backend`, fixed bars); quantized files
+against their eager reference (:func:`check_quantized`, the bar of each graph's schemes).
+"""
 
 from __future__ import annotations
 
@@ -99,6 +103,51 @@ def release_done(backend, pending) -> None:
     release = getattr(backend, "release_except", None)
     if release is not None:
         release(frozenset(pending))
+
+
+def check_quantized(backend, realization, recorded: Mapping[str, list[tuple[dict, list[np.ndarray]]]],
+                    output_names: Mapping[str, list[str]], input_names: Mapping[str, list[str]],
+                    label: str | None = None, eager_outputs: dict | None = None) -> tuple[list[GraphParity], dict[str, dict]]:
+    """Every recorded call on ``backend`` vs the eager reference; -> parity rows and a per-graph report.
+
+    ``eager_outputs``, if given, receives graph -> [(feeds, eager-quantized outputs)] (golden vectors)."""
+    from hartkit.model.graphs import run_graph
+    from hartkit.quantize.apply import graph_bar, relative_ok
+
+    fmt = label or realization.fmt
+    rows, report = [], {}
+    graphs = list(recorded)
+    for gi, (graph, calls) in enumerate(recorded.items()):
+        mode, value = graph_bar(realization.plan, graph)
+        gp = GraphParity(graph, fmt)
+        worst_eager, worst_fp32, worst_quant = math.inf, math.inf, math.inf
+        for feeds, ref_fp32 in calls:
+            ref_q = run_graph(realization.modules[graph], [feeds[n] for n in input_names[graph]])
+            if eager_outputs is not None:
+                eager_outputs.setdefault(graph, []).append((feeds, ref_q))
+            got = backend.run(graph, feeds)
+            for name, r32, rq, g in zip(output_names[graph], ref_fp32, ref_q, got):
+                g = np.asarray(g)
+                quant_err = snr_db(r32, rq)
+                vs_eager = snr_db(rq, g) if rq.shape == g.shape else -math.inf
+                vs_fp32 = snr_db(r32, g) if r32.shape == g.shape else -math.inf
+                ok = vs_eager >= value if mode == "exact" else relative_ok(vs_eager, vs_fp32, quant_err)
+                err = max_abs_err(rq, g) if rq.shape == g.shape else math.inf
+                gp.outputs.append(OutputParity(name, list(rq.shape), err, float(np.abs(rq).max(initial=0)),
+                                               vs_eager, bool(ok)))
+                worst_eager, worst_fp32 = min(worst_eager, vs_eager), min(worst_fp32, vs_fp32)
+                worst_quant = min(worst_quant, quant_err)
+            gp.calls += 1
+        rows.append(gp)
+        release_done(backend, graphs[gi + 1:])
+        report[graph] = {"bar": mode, "min_snr_vs_eager_db": _num(worst_eager), "min_snr_vs_fp32_db": _num(worst_fp32),
+                         "eager_min_snr_vs_fp32_db": _num(worst_quant),
+                         "schemes": sorted(s.label for s in realization.plan.graph_schemes(graph))}
+    return rows, report
+
+
+def _num(x: float) -> float | str:
+    return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
 
 
 def format_table(results: list[GraphParity]) -> str:

@@ -31,7 +31,7 @@ dimensions of size 0 and 1, so the first stage (no past) is its own graph ``ar_c
 zero-length cache; (3) with K and l as bounded dynamic dimensions one ``ar_stage`` graph serves every
 later stage, and ExecuTorch methods / Core ML multifunction packages share one copy of the weights
 between ``ar_context`` and ``ar_stage``. The final stage runs ``ar_stage`` too and its new
-keys/values are dropped. The cost is the host-side append (see the bench, issue 6).
+keys/values are dropped. The cost is the host-side append (README, "Performance").
 """
 
 from __future__ import annotations

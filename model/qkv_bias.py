@@ -18,10 +18,9 @@ class _ConstantQKVBias(TorchFunctionMode):
     """Inside one AR attention's forward: ``torch.cat((q_bias, zero_k_bias, v_bias))`` -> a parameter.
 
     XNNPACK delegates a linear only when its bias is a constant; the AR attention builds its qkv
-    bias with a ``cat`` in forward (upstream's layout: no k bias), which left every qkv projection
-    outside the delegate: in fp32 a portable (naive) addmm per block, most of the 169 s an fp32
-    ar_context call took at 0.7B; quantized, torchao's quantize ops with no out-variants (the program
-    did not load). Same values, computed once."""
+    bias with a ``cat`` in forward (upstream's layout: no k bias), which would leave every qkv
+    projection outside the delegate: in fp32 a slow portable addmm per block; quantized, torchao's
+    quantize ops with no out-variants (the program does not load). Same values, computed once."""
 
     def __init__(self, attn: nn.Module) -> None:
         super().__init__()

@@ -9,9 +9,9 @@ recipe             recipes as data (JSON/YAML, presets ``laptop``/``phone``/``fp
 layers             the quantizable layers (``component/path``) and which graphs use them
 fakequant          each format's arithmetic applied in eager torch (the reference exports are
                    checked against)
-onnx_quant         onnxruntime.quantization on exported ONNX graphs (Gemm -> MatMul first)
-coreml_quant       coremltools.optimize.coreml on the converted packages, and their check
-apply              :class:`~.apply.QuantizedExport`, what ``export_checkpoint(recipe=...)`` calls
+onnx_quant         onnxruntime.quantization on exported ONNX graphs (Gemm -> MatMul first); the
+                   ONNX target calls it, the Core ML one compresses in export/targets/coreml
+apply              eager references (a plan applied in torch as a format computes) and their bars
 calibration        real graph inputs recorded from the reference loop over a prompt set (.npz)
 sensitivity        per-layer sensitivity, mixed precision under a size budget, the plot
 sizes              bytes per layer per (scheme, format): budgets and size checks

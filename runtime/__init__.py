@@ -1,2 +1,2 @@
-"""hartkit.runtime: ``Pipeline`` (loading, one generation at a time) and the backends that run a bundle's
-graphs under the one loop of :mod:`hartkit.loop.sampler`. Must import without torch."""
+"""hartkit.runtime: ``Pipeline`` (loading, one generation at a time) over the one loop of
+:mod:`hartkit.loop.sampler`, on the graph runners of :mod:`hartkit.backends`. Must import without torch."""

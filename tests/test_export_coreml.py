@@ -135,7 +135,7 @@ def test_every_graph_converts_and_its_interface_matches_the_spec(coreml_export, 
 
 def test_mil_recomputation_agrees_with_torch_on_recorded_inputs(coreml_export, graphs, recorded):
     """The test's own re-run: package on disk -> MIL interpreter vs the torch module (not the exporter's numbers)."""
-    from hartkit.export import mil_check
+    from hartkit.export.targets.coreml import mil as mil_check
     from hartkit.model.graphs import run_graph
 
     out, _, info = coreml_export
@@ -187,7 +187,7 @@ def test_export_parity_covers_every_graph_and_every_multifunction_function(corem
 def _blob_of(pkg: Path, *words: str) -> tuple[Path, int, int, int]:
     """(weight file, dtype code, size, data offset) of the const whose name has all ``words``, read
     from the storage layout (blob record: sentinel, dtype code, size, data offset)."""
-    from hartkit.export import mil_check
+    from hartkit.export.targets.coreml import mil as mil_check
 
     spec = mil_check.load_package(pkg).spec
     main = spec.mlProgram.functions["main"]
@@ -212,7 +212,7 @@ def _one_graph_export(out: Path, info: dict, graph: str, folder: Path) -> tuple[
 
 
 def test_a_perturbed_weight_in_a_package_fails_the_check(coreml_export, recorded, tiny_model, tmp_path):
-    from hartkit.export.coreml_export import verify_coreml
+    from hartkit.export.targets.coreml.lower import verify_coreml
 
     out, _, info = coreml_export
     graph = "ar_stage"
@@ -239,8 +239,8 @@ def test_a_perturbed_weight_in_a_package_fails_the_check(coreml_export, recorded
 
 def test_an_interface_mismatch_fails_and_an_unknown_op_is_reported_not_claimed(coreml_export, recorded, monkeypatch,
                                                                              tmp_path):
-    from hartkit.export import mil_check
-    from hartkit.export.coreml_export import verify_coreml
+    from hartkit.export.targets.coreml import mil as mil_check
+    from hartkit.export.targets.coreml.lower import verify_coreml
 
     out, _, info = coreml_export
     graph = "ar_stage"
@@ -296,7 +296,7 @@ def test_coreml_backend_plumbing_with_the_mil_interpreter_standing_in_for_core_m
     interpreter. This tests the plumbing, not Core ML."""
     import types
 
-    from hartkit.export import mil_check
+    from hartkit.export.targets.coreml import mil as mil_check
     from hartkit.model.graphs import run_graph
     from hartkit.backends import coreml as coreml_backend
 

@@ -239,7 +239,7 @@ assert "torch" not in sys.modules
 
 def test_fallback_grouping_when_one_program_fails(tiny_model, tmp_path, monkeypatch):
     """If lowering everything into one program fails, graphs go one program per weight group."""
-    import hartkit.export.executorch_export as ete
+    import hartkit.export.targets.executorch.lower as ete
     from hartkit.model.graphs import hart_graph_specs
 
     chosen = ("condition", "ar_head", "diffusion_cond_embed")  # three small graphs, two weight groups
@@ -267,7 +267,7 @@ def test_fallback_grouping_when_one_program_fails(tiny_model, tmp_path, monkeypa
 def test_big_models_are_lowered_per_weight_group_and_streamed(tiny_model, tmp_path, monkeypatch):
     """Past ONE_PROGRAM_MAX_WEIGHT_BYTES the single-program attempt is skipped (it would hold a second
     copy of every weight): one program per weight group, each written before the next is lowered."""
-    import hartkit.export.executorch_export as ete
+    import hartkit.export.targets.executorch.lower as ete
     from hartkit.model.graphs import hart_graph_specs
 
     chosen = ("condition", "ar_head", "diffusion_cond_embed")

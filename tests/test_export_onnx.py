@@ -146,7 +146,7 @@ def test_a_failed_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("hartkit.export.onnx_export.export_onnx_graph", boom)
+    monkeypatch.setattr("hartkit.export.targets.onnx.lower.export_onnx_graph", boom)
     with pytest.raises(KeyboardInterrupt):
         export_checkpoint(tiny_checkpoint, tmp_path / "out", ["onnx"])
     assert list(tmp_path.iterdir()) == []

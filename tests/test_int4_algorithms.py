@@ -27,7 +27,7 @@ CALLS = 3
 
 @pytest.fixture(scope="module")
 def base(tiny_model, tiny_text_encoder, tiny_graphs, tmp_path_factory):
-    from hartkit.export.onnx_export import export_onnx_graph
+    from hartkit.export.targets.onnx.lower import export_onnx_graph
     from hartkit.quantize.calibration import record, replay_fns
     from hartkit.quantize.layers import discover
 

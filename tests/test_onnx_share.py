@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from hartkit.errors import HartkitError
-from hartkit.export.onnx_share import (ALIGN, PAGE_ALIGN, PAGE_ALIGN_MIN_BYTES, SHARED_DATA, external_ranges,
+from hartkit.export.targets.onnx.share import (ALIGN, PAGE_ALIGN, PAGE_ALIGN_MIN_BYTES, SHARED_DATA, external_ranges,
                                        share_onnx_weights, stored_bytes)
 
 

@@ -34,10 +34,12 @@ def _package_bytes(path):
 
 @pytest.fixture(scope="module")
 def coreml(tiny_model, tiny_text_encoder, tiny_graphs, tmp_path_factory):
+    from hartkit.export.quantization import QuantizationPlan
+    from hartkit.export.targets import TARGETS
+    from hartkit.export.targets.coreml.compress import check_coreml_quantized, compressor
+    from hartkit.export.targets.coreml.lower import export_coreml
     from hartkit.model.graphs import run_graph
-    from hartkit.quantize.apply import QuantizedExport
     from hartkit.quantize.calibration import record
-    from hartkit.quantize.coreml_quant import check_coreml_quantized, export_coreml_quantized
 
     S, specs, byname, modules, inputs = tiny_graphs
     calib = record(tiny_model, tiny_text_encoder, S, ["a red circle above a blue square"])
@@ -47,16 +49,16 @@ def coreml(tiny_model, tiny_text_encoder, tiny_graphs, tmp_path_factory):
     converted: dict = {}
     results = {}
     for name, recipe in RECIPES.items():
-        qx = QuantizedExport.prepare({"name": name, **recipe}, tiny_model, tiny_text_encoder, S, specs, ["coreml"],
-                                     recorded)
+        qx = QuantizationPlan.prepare({"name": name, **recipe}, tiny_model, tiny_text_encoder, S, specs, modules,
+                                      [TARGETS["coreml"]], recorded)
         # one deployment target for every recipe, so the conversions are shared
         folder = tmp_path_factory.mktemp(f"qcoreml-{name}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            files = export_coreml_quantized(qx, [byname[g] for g in GRAPHS], modules, folder, lambda m: None,
-                                            converted, target="iOS18")
+            files = export_coreml([byname[g] for g in GRAPHS], modules, folder, lambda m: None, target="iOS18",
+                                  transform=compressor(qx["coreml"]), converted=converted)
             info = {"files": {"coreml": files}, "graphs": [byname[g].to_json() for g in GRAPHS]}
-            rows, report, notes = check_coreml_quantized(qx, folder, info, recorded, outputs, inputs)
+            rows, report, notes = check_coreml_quantized(qx["coreml"], folder, info, recorded, outputs, inputs)
         results[name] = dict(qx=qx, rows=rows, report=report, notes=notes,
                              bytes={g: _package_bytes(folder / files[g]) for g in GRAPHS})
     return results

@@ -29,9 +29,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (conft
 
 @pytest.fixture(scope="module")
 def et(tiny_model, tiny_text_encoder, tiny_graphs, tmp_path_factory):
-    from hartkit.export.executorch_export import export_executorch
+    from hartkit.export.targets.executorch.lower import export_executorch
     from hartkit.model.graphs import run_graph
-    from hartkit.quantize.apply import QuantizedExport, check_quantized
+    from hartkit.export.parity import check_quantized
+    from hartkit.export.quantization import QuantizationPlan
+    from hartkit.export.targets import TARGETS
     from hartkit.quantize.calibration import record, replay_fns
     from hartkit.backends.executorch import ExecuTorchBackend
 
@@ -41,8 +43,9 @@ def et(tiny_model, tiny_text_encoder, tiny_graphs, tmp_path_factory):
     recorded = {}
     for g in GRAPHS:
         recorded[g] = [(f, run_graph(modules[g], [f[n] for n in inputs[g]])) for f in calib.feeds(g, replay, limit=2)]
-    qx = QuantizedExport.prepare(RECIPE, tiny_model, tiny_text_encoder, S, specs, ["executorch"], recorded)
-    real = qx.realization("executorch")
+    qx = QuantizationPlan.prepare(RECIPE, tiny_model, tiny_text_encoder, S, specs, modules, [TARGETS["executorch"]],
+                                  recorded)
+    real = qx["executorch"].reference()
     folder = tmp_path_factory.mktemp("qet")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (conft
 
 @pytest.fixture(scope="module")
 def base(tiny_model, tiny_text_encoder, tiny_graphs, tmp_path_factory):
-    from hartkit.export.onnx_export import export_onnx_graph
+    from hartkit.export.targets.onnx.lower import export_onnx_graph
     from hartkit.quantize.calibration import record, replay_fns
     from hartkit.quantize.layers import discover
 
@@ -59,6 +59,7 @@ def _quantize_cell(base, model, encoder, component, scheme):
     import onnxruntime as ort
 
     from hartkit.model.graphs import run_graph
+    from hartkit.export.targets import TARGETS
     from hartkit.quantize.apply import graph_bar, realize
     from hartkit.quantize.calibration import activation_ranges, replay_fns
     from hartkit.quantize.layers import layer_modules
@@ -74,7 +75,7 @@ def _quantize_cell(base, model, encoder, component, scheme):
         static = [n for n, a in plan.assignments.items() if a.scheme.name == "w8a8_static"]
         ranges = activation_ranges(base["modules"], base["spec_inputs"], base["calib"],
                                    {id(mods[n].weight): n for n in static}, graphs=GRAPHS[component])
-    real = realize(model, encoder, base["S"], plan, ranges)
+    real = realize(model, encoder, base["S"], plan, ranges, TARGETS["onnx"].quantize_eager)
     out = {}
     for g in GRAPHS[component]:
         src = base["folder"] / f"{g}.onnx"
@@ -192,7 +193,7 @@ def test_phone_export_stores_each_quantized_weight_once(phone_export):
     byte-identical initializers, which the export's weight sharing stores once (onnx/weights.bin)."""
     import onnx
 
-    from hartkit.export.onnx_share import SHARED_DATA, external_ranges
+    from hartkit.export.targets.onnx.share import SHARED_DATA, external_ranges
 
     out, _ = phone_export
     info = json.loads((out / "manifest.json").read_text())
@@ -229,6 +230,7 @@ def test_runtime_on_the_phone_export_samples_like_the_eager_quantized_graphs(pho
     from hartkit.model.graphs import hart_graph_specs
     from hartkit.bundle import LoopInfo
     from hartkit.model.graphs import loop_info
+    from hartkit.export.targets import TARGETS
     from hartkit.quantize.apply import realize
     from hartkit.quantize.layers import discover
     from hartkit.quantize.recipe import Recipe, resolve
@@ -239,7 +241,8 @@ def test_runtime_on_the_phone_export_samples_like_the_eager_quantized_graphs(pho
     pipe = Pipeline.from_exported(out, backend="onnxruntime")
     S = pipe.loop.system_length
     layers = discover(tiny_model, tiny_text_encoder, hart_graph_specs(tiny_model, tiny_text_encoder, S))
-    real = realize(tiny_model, tiny_text_encoder, S, resolve(Recipe.load("phone"), layers, "onnx"))
+    real = realize(tiny_model, tiny_text_encoder, S, resolve(Recipe.load("phone"), layers, "onnx"), None,
+                   TARGETS["onnx"].quantize_eager)
     io = {s.name: ([i.name for i in s.inputs], [o.name for o in s.outputs]) for s in real.specs}
     eager = Pipeline(LoopInfo.from_dict(loop_info(tiny_model, S)), TorchBackend(real.modules, io), pipe.tokenizer,
                      pipe.codebook)
@@ -258,6 +261,7 @@ def test_graphs_past_the_protobuf_limit_keep_their_weights_beside_them(base, tin
 
     from hartkit.model.graphs import run_graph
     from hartkit.quantize import onnx_quant
+    from hartkit.export.targets import TARGETS
     from hartkit.quantize.apply import realize
     from hartkit.quantize.calibration import activation_ranges, replay_fns
     from hartkit.quantize.layers import layer_modules
@@ -271,7 +275,7 @@ def test_graphs_past_the_protobuf_limit_keep_their_weights_beside_them(base, tin
     static = [n for n, a in plan.assignments.items() if a.scheme.name == "w8a8_static"]
     ranges = activation_ranges(base["modules"], base["spec_inputs"], base["calib"],
                                {id(mods[n].weight): n for n in static}, graphs=["ar_context"])
-    real = realize(tiny_model, tiny_text_encoder, base["S"], plan, ranges)
+    real = realize(tiny_model, tiny_text_encoder, base["S"], plan, ranges, TARGETS["onnx"].quantize_eager)
     dst = base["folder"] / "big" / "ar_context.onnx"
     dst.parent.mkdir()
     shutil.copy(base["folder"] / "ar_context.onnx", dst)

@@ -1,6 +1,6 @@
 """Core ML quantization: ``coremltools.optimize.coreml`` on the converted packages, checked without a Mac.
 
-Export: each graph is converted by the Core ML exporter's ``convert_graph`` (fp16 compute; iOS18
+Export: each graph is converted by :func:`.lower.convert_graph` (fp16 compute; iOS18
 as soon as the plan has an ``int4`` layer anywhere, because per-block int4 —
 ``constexpr_blockwise_shift_scale`` — exists only from iOS18), then its layer weights are compressed:
 
@@ -19,7 +19,7 @@ Check (Core ML cannot predict on Linux): per graph, (1) every compressed weight,
 (:func:`hartkit.quantize.fakequant.coreml_linear`: the same formula in the same fp16 arithmetic)
 within fp16 rounding, or for palettization has at most ``2^n`` distinct values; the package's
 weights then replace the eager reference's (k-means is not reproduced bit for bit); (2) the decompressed program is
-re-computed by the numpy MIL interpreter (:mod:`hartkit.export.mil_check`, fp16 after every op) on
+re-computed by the numpy MIL interpreter (:mod:`.mil`, fp16 after every op) on
 the recorded inputs and compared with the eager-quantized torch graph with the Core ML exporter's
 fp16 bars.
 """
@@ -29,15 +29,16 @@ from __future__ import annotations
 import hashlib
 import math
 import tempfile
-import time
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
 from hartkit.errors import HartkitError
 from hartkit.export.parity import GraphParity, OutputParity, compare_outputs
+from hartkit.export.targets.coreml.lower import FP16_ATOL, FP16_MIN_SNR_DB, FP16_RTOL, MINIMUM_TARGET
+from hartkit.export.targets.coreml.mil import check_interface, load_package, quiet_coremltools
 from hartkit.loop.metrics import snr_db
 from hartkit.quantize.layers import layer_modules
 from hartkit.quantize.schemes import Scheme
@@ -109,8 +110,6 @@ def compress(mlmodel, consts: Mapping[str, str], scheme_of) -> tuple[object, dic
     """Apply the plan's schemes to the named consts; -> (new model, const -> scheme label)."""
     import coremltools.optimize.coreml as cto
 
-    from hartkit.export.mil_check import quiet_coremltools
-
     linear, palette, applied = {}, {}, {}
     for const, layer in consts.items():
         s = scheme_of(layer)
@@ -127,48 +126,32 @@ def compress(mlmodel, consts: Mapping[str, str], scheme_of) -> tuple[object, dic
     return mlmodel, applied
 
 
-def export_coreml_quantized(qx, specs, modules, folder: Path, say, converted: dict | None = None,
-                            target: str | None = None) -> dict[str, str]:
-    """``converted``: (graph, target) -> uncompressed converted model, reused across calls if given;
-    ``target``: the deployment target (default: iOS18 if the plan has int4, else the exporter's)."""
-    from hartkit.export.coreml_export import COREML_DIR, MINIMUM_TARGET, convert_graph, export_multifunction, save_package
+def deployment_target(plan) -> str:
+    """iOS18 as soon as the plan has an ``int4`` layer anywhere (per-block int4 exists only from iOS18)."""
+    return "iOS18" if plan.quantized and needs_ios18(plan.plan) else MINIMUM_TARGET
 
-    plan = qx.plans["coreml"]
-    target = target or ("iOS18" if needs_ios18(plan) else MINIMUM_TARGET)
-    mods = layer_modules(qx.model, qx.encoder)
-    folder = Path(folder)
-    (folder / COREML_DIR).mkdir(parents=True, exist_ok=True)
-    files, timings = {}, {}
-    qx.coreml_consts = {}
-    for spec in specs:
-        say(f"coreml: {spec.name}" + (" (iOS18)" if target != MINIMUM_TARGET else ""))
-        start = time.perf_counter()
-        key = (spec.name, target)
-        if converted is not None and key in converted:
-            mlmodel = converted[key]
-        else:
-            try:
-                mlmodel = convert_graph(spec, modules[spec.name], target)
-            except Exception as exc:
-                raise HartkitError(f"Core ML conversion of graph '{spec.name}' failed: {type(exc).__name__}: {exc}") from exc
-            if converted is not None:
-                converted[key] = mlmodel
-        layers = qx.layers.of_graph(spec.name)
-        weights = {l.name: mods[l.name].weight.detach().float().numpy() for l in layers}
-        consts = weight_consts(mlmodel, layers, weights)
+
+def compressor(plan) -> Callable | None:
+    """``transform(spec, mlmodel) -> mlmodel`` compressing the layer weights of one converted graph as
+    ``plan`` (a :class:`~hartkit.export.quantization.FormatPlan`) says; None for an fp32 plan. Records
+    which const holds which layer in ``plan.work["consts"]`` (the check reads them back)."""
+    if not plan.quantized:
+        return None
+    by_graph = plan.work.setdefault("consts", {})
+
+    def compress_graph(spec, mlmodel):
+        layers = plan.layers.of_graph(spec.name)
+        consts = weight_consts(mlmodel, layers, plan.layer_weights(spec.name))
         wanted = {l.name for l in layers if op_config(plan.scheme_of(l.name)) is not None}
         missing = wanted - set(consts.values())
         if missing:
             raise HartkitError(f"coreml {spec.name}: no weight constant found for layers {sorted(missing)}; "
                                "refusing to leave them uncompressed")
         mlmodel, applied = compress(mlmodel, consts, plan.scheme_of)
-        qx.coreml_consts[spec.name] = {c: consts[c] for c in applied}
-        rel = f"{COREML_DIR}/{spec.name}.mlpackage"
-        save_package(mlmodel, folder / rel)
-        files[spec.name] = rel
-        timings[spec.name] = round(time.perf_counter() - start, 2)
-    export_multifunction(specs, files, folder, say, timings)
-    return files
+        by_graph[spec.name] = {c: consts[c] for c in applied}
+        return mlmodel
+
+    return compress_graph
 
 
 def _decompressed(path: Path, work: Path):
@@ -176,25 +159,23 @@ def _decompressed(path: Path, work: Path):
     import coremltools as ct
     import coremltools.optimize.coreml as cto
 
-    from hartkit.export import mil_check
-    from hartkit.export.mil_check import quiet_coremltools
-
     with quiet_coremltools():
         model = ct.models.MLModel(str(path), skip_model_load=True)
         dense = cto.decompress_weights(model)
         dst = work / path.name
         dense.save(str(dst))
-    return mil_check.load_package(dst)
+    return load_package(dst)
 
 
-def check_coreml_quantized(qx, folder: Path, info: dict, recorded, output_names, input_names):
-    """-> (parity rows, per-graph report, notes). See the module docstring for what is checked."""
-    from hartkit.export import mil_check
-    from hartkit.export.coreml_export import FP16_ATOL, FP16_MIN_SNR_DB, FP16_RTOL
+def check_coreml_quantized(fplan, folder: Path, info: dict, recorded, output_names, input_names):
+    """-> (parity rows, per-graph report, notes). See the module docstring for what is checked.
+
+    ``fplan``: the Core ML :class:`~hartkit.export.quantization.FormatPlan` the packages were compressed
+    with; its eager reference is adjusted to the packages' weights, and receives the golden outputs."""
     from hartkit.model.graphs import run_graph
 
-    real = qx.realization("coreml")
-    plan = qx.plans["coreml"]
+    real = fplan.reference()
+    plan = fplan.plan
     files = info.get("files", {}).get("coreml", {})
     graphs = {g["name"]: g for g in info["graphs"]}
     qmods = layer_modules(real.model, real.encoder)
@@ -208,7 +189,7 @@ def check_coreml_quantized(qx, folder: Path, info: dict, recorded, output_names,
             programs[graph] = prog = _decompressed(Path(folder) / rel, work)
             fn = prog.function(None)
             consts = {op.name: op.value for op in fn.ops if op.type == "const"}
-            for const, layer in getattr(qx, "coreml_consts", {}).get(graph, {}).items():
+            for const, layer in fplan.work.get("consts", {}).get(graph, {}).items():
                 # the compressor renames the weight (suffix _quantized / _palettized); decompression keeps it
                 mod = qmods[layer]
                 hits = [n for n in consts if (n == const or n.startswith(const + "_"))
@@ -247,7 +228,7 @@ def check_coreml_quantized(qx, folder: Path, info: dict, recorded, output_names,
         for graph, prog in programs.items():
             fn = prog.function(None)
             gp = GraphParity(graph, "coreml")
-            problems = mil_check.check_interface(fn, graphs[graph])
+            problems = check_interface(fn, graphs[graph])
             if problems:
                 gp.outputs.append(OutputParity("interface: " + "; ".join(problems), [], math.inf, 0.0, -math.inf, False))
                 rows.append(gp)
@@ -260,7 +241,7 @@ def check_coreml_quantized(qx, folder: Path, info: dict, recorded, output_names,
             worst_fp32, worst_eager = math.inf, math.inf
             for feeds, ref32 in recorded.get(graph, []):
                 ref_q = run_graph(real.modules[graph], [feeds[n] for n in input_names[graph]])
-                qx.eager_outputs.setdefault("coreml", {}).setdefault(graph, []).append((feeds, ref_q))
+                fplan.eager_outputs.setdefault(graph, []).append((feeds, ref_q))
                 got = fn.run(feeds)
                 outs = [got[n] for n in output_names[graph]]
                 gp.outputs.extend(compare_outputs(output_names[graph], ref_q, outs, atol=FP16_ATOL, rtol=FP16_RTOL,

@@ -24,7 +24,7 @@ graphs share nothing, its package only bundles them). The per-graph iOS17 packag
 No stateful (``StateType``) KV cache: the graphs return only the new keys/values (see graphs.py).
 
 **Verification** (:func:`verify_coreml`): predictions cannot run on Linux, so every package is read
-back from disk and re-computed by the numpy MIL interpreter of :mod:`hartkit.export.mil_check` on the
+back from disk and re-computed by the numpy MIL interpreter of :mod:`hartkit.export.targets.coreml.mil` on the
 inputs recorded from the reference loop; see that module for exactly what this does and does not prove.
 """
 
@@ -41,7 +41,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from hartkit.errors import HartkitError, MissingDependencyError
-from hartkit.export.mil_check import quiet_coremltools
+from hartkit.export.targets.coreml.mil import quiet_coremltools
 from hartkit.export.parity import GraphParity, OutputParity, compare_outputs
 
 COREML_DIR = "coreml"
@@ -148,9 +148,14 @@ def save_multifunction_package(packages: Mapping[str, Path], dest: Path) -> None
 
 
 def export_coreml(specs: Sequence, modules: Mapping, out_dir: Path, progress: Callable[[str], None] | None = None,
-                  multifunction: bool = True) -> dict[str, str]:
-    """All graphs to ``out_dir/coreml/<graph>.mlpackage`` (iOS17); returns graph -> path relative to
-    ``out_dir``. With ``multifunction``, also the iOS18 weight-sharing packages (module docstring)."""
+                  multifunction: bool = True, target: str = MINIMUM_TARGET,
+                  transform: Callable | None = None, converted: dict | None = None) -> dict[str, str]:
+    """All graphs to ``out_dir/coreml/<graph>.mlpackage``; returns graph -> path relative to ``out_dir``.
+    With ``multifunction``, also the iOS18 weight-sharing packages (module docstring).
+
+    ``target``: the deployment target; ``transform(spec, mlmodel) -> mlmodel``: applied to each converted
+    graph before it is saved (weight compression); ``converted``: (graph, target) -> converted model,
+    reused across calls if given (the conversion is the slow part)."""
     _require()
     out_dir = Path(out_dir)
     (out_dir / COREML_DIR).mkdir(parents=True, exist_ok=True)
@@ -158,12 +163,20 @@ def export_coreml(specs: Sequence, modules: Mapping, out_dir: Path, progress: Ca
     files: dict[str, str] = {}
     timings: dict[str, float] = {}
     for spec in specs:
-        say(f"coreml: {spec.name}")
+        say(f"coreml: {spec.name}" + (f" ({target})" if target != MINIMUM_TARGET else ""))
         start = time.perf_counter()
-        try:
-            mlmodel = convert_graph(spec, modules[spec.name])
-        except Exception as exc:  # the converter raises bare NotImplementedError/ValueError etc.
-            raise HartkitError(f"Core ML conversion of graph '{spec.name}' failed: {type(exc).__name__}: {exc}") from exc
+        key = (spec.name, target)
+        if converted is not None and key in converted:
+            mlmodel = converted[key]
+        else:
+            try:
+                mlmodel = convert_graph(spec, modules[spec.name], target)
+            except Exception as exc:  # the converter raises bare NotImplementedError/ValueError etc.
+                raise HartkitError(f"Core ML conversion of graph '{spec.name}' failed: {type(exc).__name__}: {exc}") from exc
+            if converted is not None:
+                converted[key] = mlmodel
+        if transform is not None:
+            mlmodel = transform(spec, mlmodel)
         rel = f"{COREML_DIR}/{spec.name}.mlpackage"
         save_package(mlmodel, out_dir / rel)
         files[spec.name] = rel
@@ -215,7 +228,7 @@ def verify_coreml(folder: Path, info: dict, recorded: Mapping[str, list[tuple[di
     lacks, or that has no recorded inputs, gets no GraphParity (nothing is claimed) and a note saying
     precisely what was not verified. Interface mismatches fail the graph.
     """
-    from hartkit.export import mil_check
+    from hartkit.export.targets.coreml import mil as mil_check
 
     folder = Path(folder)
     files = info.get("files", {}).get("coreml", {})
