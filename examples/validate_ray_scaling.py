@@ -28,13 +28,14 @@ def main() -> None:
     warnings.simplefilter("ignore")
     import ray
 
+    from hartkit.bundle import MANIFEST
     from hartkit.validate import scenes
     from hartkit.validate.report import report_dict
     from hartkit.validate.sweep import sweep
 
     work = Path(args.work or tempfile.mkdtemp(prefix="hartkit-ray-bench-"))
     bundle = Path(args.bundle) if args.bundle else work / "demo-onnx"
-    if not args.bundle and not (bundle / "manifest.json").is_file():
+    if not args.bundle and not (bundle / MANIFEST).is_file():
         from hartkit.export.exporter import export_checkpoint
 
         export_checkpoint(DEMO, bundle, ["onnx"])

@@ -159,7 +159,9 @@ def folder_digest(folder: Path) -> str:
 
 def bundle_digest(folder: Path) -> str:
     """A bundle's content hash: its manifest, which pins the sha256 of every file (workers verify them)."""
-    return hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
+    from hartkit.bundle.read import manifest_bytes
+
+    return hashlib.sha256(manifest_bytes(folder)).hexdigest()
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -212,9 +214,9 @@ class SweepWorker:
     def _candidate(self, plan: C.CandidatePlan):
         key = (str(plan.folder), plan.format, plan.backend)
         if key not in self._cands:
-            from hartkit.bundle import read_manifest, verify_bundle
+            from hartkit.bundle import MANIFEST, read_manifest, verify_bundle
 
-            if not (plan.folder / "manifest.json").is_file():
+            if not (plan.folder / MANIFEST).is_file():
                 raise SweepError(f"bundle {plan.folder} is not on worker node {_node()}: bundles reach the workers "
                                  "by path, so put them on storage every node mounts at the same path")
             folder = str(plan.folder)
