@@ -4,9 +4,12 @@
 (:meth:`QuantizationPlan.none`), whose reference is the fp32 graphs, whose bar is the fp32 parity
 bar, and whose bundle carries the fp32 golden vectors and the loop replay. A recipe
 (:meth:`QuantizationPlan.prepare`) resolves per target first (every refusal before anything is
-written), records calibration inputs when a static scheme needs them, and gives each target a
-:class:`FormatPlan`: the layers and their schemes, the eager reference (model copies quantized as that
-format computes, built on first use) and the bar its files are held to.
+written), records calibration inputs when a static scheme, a calibrated weight algorithm (gptq) or a
+mixed section needs them, ranks each format's mixed section on this checkpoint
+(:func:`~hartkit.quantize.sensitivity.expand_mixed`: the saved recipe is the expanded one), and gives
+each target a :class:`FormatPlan`: the layers and their schemes, the weights an algorithm chose, the
+eager reference (model copies quantized as that format computes, with those weights, built on first
+use) and the bar its files are held to.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ class FormatPlan:
     extra: dict[str, Any] = field(default_factory=dict)  # the target's own records (e.g. per-file reports)
     eager_outputs: dict[str, list] = field(default_factory=dict)  # graph -> [(feeds, eager-quantized outputs)]
     work: dict[str, Any] = field(default_factory=dict)  # what the target keeps between export and check
+    # layer -> the dequantized weight an algorithm chose (gptq, hqq), as the files store it: the eager
+    # reference takes these as they are, so parity compares the same weights
+    given: dict[str, np.ndarray] = field(default_factory=dict)
     _reference: Realization | None = field(default=None, repr=False)
 
     @property
@@ -57,8 +63,26 @@ class FormatPlan:
         return {l.name: mods[l.name].weight.detach().float().numpy() for l in self.layers.of_graph(graph)}
 
     def calibration_feeds(self, graph: str) -> Callable[[], Any] | None:
-        """Calibration inputs of ``graph`` (for static activation ranges), or None without calibration."""
+        """Calibration inputs of ``graph`` (static activation ranges, gptq), or None without calibration."""
         return self.owner.calibration_feeds(graph)
+
+    def algorithm_weights(self) -> dict[str, np.ndarray]:
+        """layer -> the dequantized weight its algorithm chooses (:func:`~hartkit.quantize.algorithms.calibrated_weights`:
+        gptq from Hessians over every graph that uses the layer, hqq), computed once per plan; empty when
+        every layer rounds to nearest."""
+        if "algorithm_weights" not in self.work:
+            from hartkit.quantize.algorithms import calibrated_weights
+
+            out: dict[str, np.ndarray] = {}
+            if self.plan is not None and any(a.scheme.algorithm != "rtn" for a in self.plan.assignments.values()):
+                o = self.owner
+                o.say(f"quantize {self.target.name}: calibrated weights ({', '.join(sorted(self.algorithms()))})")
+                out = calibrated_weights(o.model, o.encoder, o.system_length, self.plan, o.calibration)
+            self.work["algorithm_weights"] = out
+        return self.work["algorithm_weights"]
+
+    def algorithms(self) -> set[str]:
+        return {a.scheme.algorithm for a in self.plan.assignments.values()} - {"rtn"} if self.plan else set()
 
     def reference(self) -> Realization:
         """The eager reference the files must agree with: the fp32 graphs, or model copies quantized as
@@ -70,7 +94,7 @@ class FormatPlan:
             else:
                 self.owner.say(f"quantize: eager reference for {self.target.name}")
                 self._reference = realize(self.owner.model, self.owner.encoder, self.owner.system_length, self.plan,
-                                          self.owner.ranges, self.target.quantize_eager)
+                                          self.owner.ranges, self.target.quantize_eager, given=self.given or None)
         return self._reference
 
     def check(self, backend, info: dict, recorded: Recorded, output_names: Mapping[str, list[str]]) -> list[GraphParity]:
@@ -151,18 +175,54 @@ class QuantizationPlan:
             if calls:
                 inputs[s.name] = [calls[0][0][i.name] for i in s.inputs]
         layers = discover(model, encoder, specs, inputs)
+        names = [t.name for t in targets]
+        # Every refusal the mixed sections do not decide comes before the (slow) calibration recording.
+        for name in names:
+            resolve(_without_mixed(recipe), layers, name)
         qp = cls(model, encoder, system_length, list(specs), dict(modules), recipe, layers, say=say)
+        if recipe.uses_calibration(names):
+            qp.calibration = qp._record_calibration(calibration, say)
+            qp.recipe = recipe = qp._expand_mixed(recipe, names)
         qp.formats = {t.name: FormatPlan(t, resolve(recipe, layers, t.name), qp) for t in targets}
         for name, fp in qp.formats.items():
             qp.notes += [f"quantize {name}: {line}" for line in fp.plan.fallback_summary()]
         for fp in qp.formats.values():
             qp.notes += fp.target.plan_notes(fp.plan)
-        if recipe.uses_calibration([t.name for t in targets]):
-            qp.calibration = qp._record_calibration(calibration, say)
+        if qp.calibration is not None:
+            qp._activation_ranges()
         return qp
 
+    def _expand_mixed(self, recipe: Recipe, formats: Sequence[str]) -> Recipe:
+        """The recipe with each format's mixed section ranked on this checkpoint and the calibration set
+        (the saved recipe.json and the manifest then say what each layer got and why)."""
+        from hartkit.quantize.sensitivity import expand_mixed
+
+        for fmt in formats:
+            spec = recipe.mixed_for(fmt)
+            if spec is None or spec.get("expanded"):
+                continue
+            self.say(f"quantize {fmt}: sensitivity pass for the mixed section ({', '.join(spec['components'])})")
+            recipe = expand_mixed(recipe, self.model, self.encoder, self.system_length, self.calibration, fmt,
+                                  progress=self.say)
+            done = recipe.mixed_for(fmt)["expanded"]
+            self.notes.append(f"quantize {fmt}: mixed: {len(done['promoted'])} of {done['units']} units kept at "
+                              f"{done['high']}, {done['avg_bits']:g} bits per weight ({done['mb']:g} MB)")
+        return recipe
+
+    def _activation_ranges(self) -> None:
+        from hartkit.quantize.calibration import activation_ranges
+
+        static = {n for p in self.plans.values() for n, a in p.assignments.items() if a.scheme.info.activations == "static"}
+        if not static:
+            return
+        fp32_modules = {s.name: s.build().eval() for s in self.specs}
+        spec_inputs = {s.name: [i.name for i in s.inputs] for s in self.specs}
+        names = layer_modules(self.model, self.encoder)
+        self.ranges = activation_ranges(fp32_modules, spec_inputs, self.calibration,
+                                        {id(names[n].weight): n for n in static})
+
     def _record_calibration(self, calibration, say):
-        from hartkit.quantize.calibration import CalibrationSet, activation_ranges, load_prompts, record, replay_fns
+        from hartkit.quantize.calibration import CalibrationSet, load_prompts, record, replay_fns
 
         if calibration is None:
             say("quantize: recording calibration inputs (built-in prompts)")
@@ -175,12 +235,8 @@ class QuantizationPlan:
             calib = record(self.model, self.encoder, self.system_length, list(calibration), progress=say)
         else:
             calib = record(self.model, self.encoder, self.system_length, load_prompts(calibration), progress=say)
-        static = {n for p in self.plans.values() for n, a in p.assignments.items() if a.scheme.info.activations == "static"}
         fp32_modules = {s.name: s.build().eval() for s in self.specs}
-        spec_inputs = {s.name: [i.name for i in s.inputs] for s in self.specs}
-        names = layer_modules(self.model, self.encoder)
-        self.ranges = activation_ranges(fp32_modules, spec_inputs, calib, {id(names[n].weight): n for n in static})
-        self._replay = replay_fns(fp32_modules, spec_inputs)
+        self._replay = replay_fns(fp32_modules, {s.name: [i.name for i in s.inputs] for s in self.specs})
         return calib
 
     def calibration_feeds(self, graph: str) -> Callable[[], Any] | None:
@@ -244,3 +300,11 @@ class QuantizationPlan:
         info["quantization"] = self.to_json()
         return list(self.notes)
 
+
+def _without_mixed(recipe: Recipe) -> Recipe:
+    """The recipe less its mixed sections: what resolves before the sensitivity pass has run."""
+    data = recipe.to_dict()
+    data.pop("mixed", None)
+    for section in (data.get("formats") or {}).values():
+        section.pop("mixed", None)
+    return Recipe.from_dict(data, source=recipe.source)

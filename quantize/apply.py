@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -92,13 +93,16 @@ QuantizeEager = Callable[[Any, Any, Plan, "Mapping | None"], dict]
 
 
 def realize(model, encoder, system_length: int, plan: Plan,
-            ranges: Mapping[str, Mapping[str, tuple[float, float]]] | None, quantize_eager: QuantizeEager) -> Realization:
+            ranges: Mapping[str, Mapping[str, tuple[float, float]]] | None, quantize_eager: QuantizeEager,
+            given: Mapping[str, np.ndarray] | None = None) -> Realization:
     """Model copies with ``plan`` applied by ``quantize_eager(models..., plan, ranges) -> activation rules``:
-    the target format's arithmetic (``Target.quantize_eager``)."""
+    the target format's arithmetic (``Target.quantize_eager``). ``given``: layer -> the dequantized weight
+    an algorithm chose (gptq, hqq), which the reference takes as it is (passed on as
+    ``quantize_eager(..., given=given)``, so only to a target whose format has such algorithms)."""
     from hartkit.model.graphs import hart_graph_specs
 
     qmodel, qenc = fq.copy_models(model, encoder)
-    rules = quantize_eager(qmodel, qenc, plan, ranges)
+    rules = quantize_eager(qmodel, qenc, plan, ranges, **({"given": dict(given)} if given else {}))
     specs = hart_graph_specs(qmodel, qenc, system_length)
     modules = {}
     for s in specs:

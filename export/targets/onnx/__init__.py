@@ -22,12 +22,13 @@ class OnnxTarget(Target):
     extra = "onnx"
     backend = "onnxruntime"
 
-    def quantize_eager(self, model, encoder, plan, ranges) -> dict:
+    def quantize_eager(self, model, encoder, plan, ranges, given: Mapping | None = None) -> dict:
+        """``given``: layer -> the weight an algorithm chose (gptq, hqq), as the files store it."""
         from hartkit.quantize import fakequant as fq
 
         schemes = {n: a.scheme for n, a in plan.assignments.items()}
         fq.apply_weights(model, encoder, {n: s for n, s in schemes.items() if s.name != "fp32"}, self.name,
-                         {n: a.layer.kind for n, a in plan.assignments.items()})
+                         {n: a.layer.kind for n, a in plan.assignments.items()}, given=given)
         return fq.activation_rules(model, encoder, schemes, self.name, ranges)
 
     def export(self, specs: Sequence, modules: Mapping, folder: Path, plan, say: Callable[[str], None]) -> Exported:
@@ -36,17 +37,23 @@ class OnnxTarget(Target):
 
         files = export_onnx(specs, modules, folder, progress=say)
         reports = {}
+        # gptq's Hessians span every graph that uses a layer, so an AR weight is the same in each graph
+        chosen = plan.algorithm_weights() if plan.quantized else {}
         for spec in specs:
             layers = plan.layers.of_graph(spec.name)
             if all(plan.scheme_of(l.name).name == "fp32" for l in layers):
                 continue  # an fp32 plan has no layers: every graph stays as lowered
             say(f"quantize onnx: {spec.name}")
             weights = plan.layer_weights(spec.name)
-            static = any(plan.scheme_of(l.name).info.activations == "static" for l in layers)
-            calib = plan.calibration_feeds(spec.name) if static else None
+            needs_feeds = any(plan.scheme_of(l.name).info.activations == "static"
+                              or (plan.scheme_of(l.name).calibrated and l.name not in chosen) for l in layers)
+            calib = plan.calibration_feeds(spec.name) if needs_feeds else None
             kinds = {l.name: l.kind for l in layers}
             rep = quantize_onnx_graph(folder / files[spec.name], spec.name,
-                                      {n: (kinds[n], w) for n, w in weights.items()}, plan.scheme_of, calib)
+                                      {n: (kinds[n], w) for n, w in weights.items()}, plan.scheme_of, calib,
+                                      calibrated={n: w for n, w in chosen.items() if n in weights} or None)
+            # what the file stores (hqq as onnxruntime rounded it) is what the eager reference computes
+            plan.given.update(rep.calibrated)
             reports[spec.name] = rep.to_json()
         if plan.quantized:
             plan.extra["onnx_files"] = reports
